@@ -1,0 +1,122 @@
+"""File plumbing shared by the stages: fetching, checksums, atomic writes."""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.errors import PipelineError
+
+FETCH_ATTEMPTS = 3
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path) -> None:
+    """Stream url into target; raise on a short read so a cut transfer never passes as whole."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        expected = response.headers.get("Content-Length")
+        total = int(expected) if expected else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        if total is not None and received != total:
+            raise OSError(f"transfer cut short: {received} of {total} bytes")
+
+
+@contextlib.contextmanager
+def local_copy(location: str, expected_sha256: str | None, what: str):
+    """Yield a local path for `location` (a path or an http(s) URL), checksum verified.
+
+    URLs are fetched into a temporary file (retried on network errors) that is removed
+    afterwards, so an interrupted download never leaves anything behind.
+    """
+    with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+        if is_url(location):
+            path = Path(tmp) / (Path(location.split("?")[0]).name or "download")
+            for attempt in range(1, FETCH_ATTEMPTS + 1):
+                try:
+                    _download(location, path)
+                    break
+                except (urllib.error.URLError, OSError, TimeoutError) as err:
+                    if attempt == FETCH_ATTEMPTS:
+                        reason = getattr(err, "reason", err)
+                        raise PipelineError(f"{what}: cannot fetch {location} ({reason})") from None
+        else:
+            path = Path(location).expanduser()
+            if not path.exists():
+                raise PipelineError(f"{what}: {location} does not exist")
+        if expected_sha256 and path.is_file():
+            actual = sha256(path)
+            if actual != expected_sha256.lower():
+                raise PipelineError(f"{what}: sha256 mismatch for {location}: expected {expected_sha256}, got {actual}")
+        elif expected_sha256:
+            raise PipelineError(f"{what}: sha256 is set but {location} is a directory, not a file")
+        yield path
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path):
+    """Yield a temporary path beside `target`; move it into place only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_npz(target: Path, **arrays) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def save_json(target: Path, payload: dict) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def save_text(target: Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def load_npz(path: Path, what: str) -> dict:
+    """Load an npz without pickle, as a plain dict of arrays, with a one-line error if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise PipelineError(f"{what}: {path} not found; run the earlier stages (dvc repro)") from None
+    except Exception as err:  # zipfile/pickle/format errors all mean the same to the user
+        raise PipelineError(f"{what}: {path} is not a readable npz file ({type(err).__name__}: {err})") from None
+
+
+def clear_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)

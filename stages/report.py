@@ -1,0 +1,132 @@
+"""Stage report: one Markdown report (report/report.md) reproducing the seed's tables and
+figures for every run, next to the seed's own figures (params `reference`).
+
+Reads only files the earlier stages wrote (metrics, architecture tables, predictions,
+DVCLive histories) and links their PNG figures; it imports no torch, so it is quick.
+"""
+import csv
+import json
+import os
+from collections import Counter
+
+from stages import params, paths
+from stages.errors import PipelineError, stage_main
+from stages.files import save_text
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"report: {path} not found; run the earlier stages (dvc repro)") from None
+
+
+def read_csv(path, delimiter: str = ",") -> list[dict]:
+    try:
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh, delimiter=delimiter))
+    except FileNotFoundError:
+        raise PipelineError(f"report: {path} not found; run the earlier stages (dvc repro)") from None
+
+
+def link(path) -> str:
+    return os.path.relpath(path, paths.REPORT)
+
+
+def pct(value) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def history(run: str) -> list[dict]:
+    """Per-epoch losses and accuracies from the DVCLive TSV files."""
+    base = paths.live(run) / "plots" / "metrics"
+    columns = {}
+    for split in ("train", "val"):
+        for metric in ("loss", "acc"):
+            rows = read_csv(base / split / f"{metric}.tsv", delimiter="\t")
+            columns[f"{split}_{metric}"] = {int(row["step"]): float(row[metric]) for row in rows}
+    return [{"epoch": epoch, **{key: values[epoch] for key, values in columns.items()}}
+            for epoch in sorted(columns["val_acc"])]
+
+
+def confusions(run: str, top: int = 5) -> tuple[int, int, list[tuple[str, str, int]]]:
+    rows = read_csv(paths.predictions(run))
+    wrong = Counter((row["actual"], row["predicted"]) for row in rows if row["actual"] != row["predicted"])
+    return len(rows), sum(wrong.values()), [(a, p, n) for (a, p), n in wrong.most_common(top)]
+
+
+def run_section(run: str, cfg, reference) -> list[str]:
+    metrics = read_json(paths.train_metrics(run))
+    tsne = read_json(paths.tsne_metrics(run))
+    total, errors, pairs = confusions(run)
+    arch = read_csv(paths.architecture(run))
+    lines = [f"## {run}: {cfg.model.name} on {cfg.data}", ""]
+    lines += ["### Architecture", ""]
+    lines += table(["layer", "output shape", "trainable params"],
+                   [[r["layer"], r["output_shape"], f"{int(r['params']):,}"] for r in arch])
+    lines += ["", f"Total trainable parameters: **{metrics['n_params']:,}**.", ""]
+    lines += ["### Learning curves and accuracy", "", f"![learning curves]({link(paths.learning_curves_png(run))})", ""]
+    ours = [pct(metrics["best_val_acc"]), metrics["best_epoch"], metrics["epochs"], errors]
+    rows = [["this pipeline", *ours]]
+    if reference is not None:
+        rows.append(["seed report", pct(reference.best_val_acc), reference.best_epoch or "–", "", reference.errors or "–"])
+    lines += table(["", "best validation accuracy", "epoch of best", "epochs", "validation errors"], rows)
+    if reference is not None and reference.note:
+        lines += ["", reference.note]
+    lines += ["", f"Trained on {metrics['device']} ({metrics['precision']}) in {metrics['train_seconds']:.0f} s "
+                  f"({metrics['seconds_per_epoch']:.1f} s per epoch, {metrics['train_images_per_second']:,.0f} "
+                  "training images/s).", ""]
+    epochs = history(run)
+    lines += table(["epoch", "train loss", "val loss", "train acc", "val acc"],
+                   [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", pct(e["train_acc"]),
+                     pct(e["val_acc"])] for e in epochs])
+    lines += ["", "### Confusion matrix", "", f"![confusion matrix]({link(paths.confusion_png(run))})", "",
+              f"{errors} errors out of {total} validation images (best-epoch weights). Most confused pairs:", ""]
+    lines += table(["true class", "predicted as", "count"], [list(pair) for pair in pairs])
+    lines += ["", "### t-SNE", "", f"![t-SNE]({link(paths.tsne_png(run))})", "",
+              f"{tsne['points']} validation points. A linear SVM on the 2-D projection classifies "
+              f"{pct(tsne['svm_2d_acc_features'])} (intermediate) and {pct(tsne['svm_2d_acc_logits'])} (final) "
+              "of them correctly.", ""]
+    return lines
+
+
+def data_section(all_params) -> list[str]:
+    rows = []
+    for study in all_params.data:
+        info = read_json(paths.data_metrics(study))
+        rows.append([study, all_params.data[study].source, info["n_train"], info["n_val"],
+                     "x".join(map(str, info["image_shape"])), info["mean"], info["std"],
+                     info["duplicates_across_splits"]])
+    return ["## Data", ""] + table(["study", "source", "train", "validation", "image (CxHxW)", "mean", "std",
+                                    "identical train/validation images"], rows) + [""]
+
+
+@stage_main
+def main() -> None:
+    all_params = params.load()
+    lines = ["# Reproduction report", "",
+             "Generated by `dvc repro` (stage `report`) from the pipeline's own outputs; the seed is the "
+             "practical's report (../shared/seed). Accuracies are on the validation split (the official "
+             "test split), best epoch's weights.", ""]
+    summary = []
+    for run, cfg in all_params.train.items():
+        metrics = read_json(paths.train_metrics(run))
+        reference = all_params.reference.get(run)
+        summary.append([run, pct(metrics["best_val_acc"]), metrics["best_epoch"],
+                        pct(reference.best_val_acc) if reference else "–",
+                        (reference.best_epoch or "–") if reference else "–"])
+    lines += ["## Summary", ""] + table(["run", "best val acc", "epoch", "seed's best", "seed's epoch"], summary)
+    lines += [""] + data_section(all_params)
+    for run, cfg in all_params.train.items():
+        lines += run_section(run, cfg, all_params.reference.get(run))
+    save_text(paths.report_md(), "\n".join(lines) + "\n")
+    print(f"report: {paths.report_md()}")
+
+
+if __name__ == "__main__":
+    main()

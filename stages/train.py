@@ -1,0 +1,90 @@
+"""Stage train@<run>: train the run's model on its study's prepared data.
+
+Reads params `train.<run>` and `seed`; writes the best epoch's weights
+(data/models/<run>.pt), the architecture table, the DVCLive history
+(plots/<run>/live), the learning-curve figure and metrics/<run>.json.
+"""
+import csv
+import sys
+
+import numpy as np
+import torch
+
+from stages import models, params, paths, plotting
+from stages.errors import PipelineError, stage_main
+from stages.files import atomic_path, load_npz, save_json
+from stages.training import fit, select_runtime
+
+
+def load_prepared(study: str, device) -> tuple[dict, list[str]]:
+    """Prepared arrays as tensors on `device` (uint8 images, int64 labels, float stats)."""
+    arrays = load_npz(paths.prepared(study), f"prepared data of {study}")
+    tensors = {key: torch.from_numpy(np.ascontiguousarray(arrays[key])).to(device)
+               for key in ("x_train", "y_train", "x_val", "y_val", "mean", "std")}
+    return tensors, [str(c) for c in arrays["classes"]]
+
+
+def write_architecture(rows: list[dict], target) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["layer", "output_shape", "params"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+@stage_main
+def main(run: str) -> None:
+    from dvclive import Live  # imported late: only this stage logs with DVCLive
+
+    all_params = params.load()
+    cfg = params.run(all_params, run)
+    rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    torch.manual_seed(all_params.seed)
+    data, classes = load_prepared(cfg.data, rt.device)
+    input_shape = tuple(data["x_train"].shape[1:])
+    model = models.build(cfg.model, in_channels=input_shape[0], num_classes=len(classes), image_size=input_shape[1])
+    write_architecture(models.summarize(model, input_shape), paths.architecture(run))
+    n_params = models.count_parameters(model)
+    print(f"train@{run}: {type(model).__name__} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
+          f"channels_last={rt.channels_last}), {len(data['x_train'])} training images")
+
+    live = Live(dir=str(paths.live(run)), dvcyaml=False, save_dvc_exp=False)
+
+    def log_epoch(row: dict) -> None:
+        live.step = row["epoch"]
+        for split in ("train", "val"):
+            live.log_metric(f"{split}/loss", row[f"{split}_loss"])
+            live.log_metric(f"{split}/acc", row[f"{split}_acc"])
+
+    try:
+        history, best_state, seconds = fit(model, data, cfg, rt, all_params.seed, log_epoch, name=f"train@{run}")
+    except torch.cuda.OutOfMemoryError:
+        raise PipelineError(f"train@{run}: CUDA out of memory; lower train.{run}.batch_size "
+                            f"(now {cfg.batch_size})") from None
+    live.end()
+    best = max(history, key=lambda row: row["val_acc"])
+    with atomic_path(paths.model(run)) as tmp:
+        torch.save({"state_dict": {k: v.contiguous() for k, v in best_state.items()},
+                    "model": cfg.model.model_dump(), "input_shape": list(input_shape),
+                    "classes": classes, "epoch": best["epoch"]}, tmp)
+    plotting.learning_curves(history, f"{run} ({type(model).__name__})", paths.learning_curves_png(run))
+    train_images = len(data["x_train"]) * cfg.epochs
+    save_json(paths.train_metrics(run), {
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "final_val_acc": history[-1]["val_acc"],
+        "final_val_loss": history[-1]["val_loss"],
+        "n_params": n_params,
+        "epochs": cfg.epochs,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_epoch": round(sum(r["epoch_seconds"] for r in history) / len(history), 2),
+        "train_images_per_second": round(train_images / sum(r["epoch_seconds"] for r in history), 1),
+        "device": str(rt.device),
+        "precision": rt.precision,
+    })
+    print(f"train@{run}: best validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']} "
+          f"({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
