@@ -163,11 +163,11 @@ def fit(model, data: dict, cfg, rt: Runtime, seed: int, on_epoch=None, name: str
             loss_sum += loss.detach() * len(target)
             correct += (logits.argmax(1) == target).sum()
         train_loss = loss_sum.item() / len(x_train)
-        if not math.isfinite(train_loss):
-            raise PipelineError(f"{name}: training loss became {train_loss} in epoch {epoch}; "
-                                "lower the learning rate (train.<run>.lr) or check the data")
         epoch_seconds = time.perf_counter() - epoch_start
         val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"], mean, std, rt, max(cfg.batch_size, 256))
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise PipelineError(f"{name}: loss became non-finite in epoch {epoch} (train {train_loss}, validation "
+                                f"{val_loss}); lower the learning rate (train.<run>.lr) or check the data")
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / len(x_train),
                "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": epoch_seconds,
                "lr": optimizer.param_groups[0]["lr"]}

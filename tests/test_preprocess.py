@@ -1,0 +1,55 @@
+"""Decoding by content, resizing, stratified caps and the cross-split duplicate check."""
+import numpy as np
+import pytest
+
+from stages.errors import PipelineError
+from stages.preprocess import cross_split_duplicates, decode_file, decode_split
+from stages.sources import Split, stratified_subset
+from tests.conftest import png_bytes
+
+
+def test_png_named_jpg_and_palette_image_decode_by_content():
+    palette = np.zeros((20, 30), np.uint8)
+    palette[5:10] = 3
+    from PIL import Image
+    import io
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(palette, mode="L").convert("P")
+    image.save(buffer, format="PNG")
+    decoded = decode_file(buffer.getvalue(), "train/alien/192.jpg", channels=3, size=16)
+    assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
+
+
+def test_unreadable_image_names_the_file():
+    with pytest.raises(PipelineError, match="train/cat/7.jpg: not a readable image"):
+        decode_file(b"GIF89a nonsense", "train/cat/7.jpg", channels=3, size=None)
+
+
+def test_mixed_sizes_need_image_size():
+    split = Split(labels=np.array([0, 1]), files=[png_bytes(np.zeros((8, 8, 3), np.uint8)),
+                                                  png_bytes(np.zeros((9, 8, 3), np.uint8))], names=["a", "b"])
+    with pytest.raises(PipelineError, match="image_size"):
+        decode_split(split, "train", 3, None, "pets")
+    assert decode_split(split, "train", 3, 6, "pets").shape == (2, 3, 6, 6)
+
+
+def test_gray_arrays_become_rgb_when_asked():
+    split = Split(labels=np.array([0]), pixels=np.full((1, 4, 4, 1), 7, np.uint8))
+    out = decode_split(split, "train", 3, None, "x")
+    assert out.shape == (1, 3, 4, 4) and (out == 7).all()
+
+
+def test_stratified_subset_keeps_proportions():
+    labels = np.repeat(np.arange(4), [100, 200, 300, 400])
+    chosen = stratified_subset(labels, 100, seed=0)
+    assert len(chosen) == 100 and np.all(np.diff(chosen) > 0)
+    assert np.bincount(labels[chosen]).tolist() == [10, 20, 30, 40]
+    assert len(stratified_subset(labels, None, 0)) == 1000
+
+
+def test_identical_images_across_splits_are_reported():
+    train = np.arange(3 * 12, dtype=np.uint8).reshape(3, 1, 3, 4)
+    validation = np.stack([train[2], train[0] + 1])
+    pairs = cross_split_duplicates(train, validation, ["t0", "t1", "t2"], ["v0", "v1"])
+    assert pairs == [["t2", "v0"]]

@@ -1,0 +1,20 @@
+"""The real MNIST copy in ../shared (skipped only where that folder is absent)."""
+import json
+
+import pytest
+
+from tests.conftest import SHARED
+
+
+@pytest.mark.skipif(not (SHARED / "mnist.npz").exists(), reason="../shared/datasets/mnist.npz is absent")
+def test_mnist_chain_on_the_shared_copy(repo):
+    repo.set_params(**{"data.mnist.source": "npz", "data.mnist.path": str(SHARED / "mnist.npz"),
+                       "data.mnist.sha256": "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64",
+                       "data.mnist.limit": 3000, "train.mnist.epochs": 1})
+    repo.dvc("repro", "tsne@mnist")
+    data = json.loads((repo.root / "metrics/data_mnist.json").read_text())
+    assert data["n_train"] == 3000 and data["n_val"] == 3000
+    assert abs(data["mean"][0] - 0.1307) < 0.01  # MNIST's well-known pixel mean
+    metrics = json.loads((repo.root / "metrics/mnist.json").read_text())
+    assert metrics["n_params"] == 813_802
+    assert metrics["best_val_acc"] > 0.85  # chance is 0.10

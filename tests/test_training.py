@@ -1,0 +1,80 @@
+"""The shared training loop: augmentation, normalisation, runtime choice, determinism."""
+import pytest
+import torch
+
+from stages.params import TrainParams
+from stages.training import Runtime, augment, fit, normalize, select_runtime
+
+CPU_FP32 = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
+
+
+def test_augment_keeps_shape_and_dtype_and_moves_pixels():
+    batch = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = augment(batch, crop_padding=4, flip=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    assert (out != batch).float().mean() > 0.3
+    # every output image is a crop of its padded, possibly mirrored input
+    padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
+    for i in range(8):
+        windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_augment_without_options_is_identity():
+    batch = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(augment(batch, 0, False, torch.Generator()), batch)
+
+
+def test_normalize_standardises_per_channel():
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = normalize(batch, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.25, 0.5]), CPU_FP32)
+    assert torch.allclose(out[:, 1], torch.full((2, 4, 4), 2.0))
+
+
+def test_runtime_auto_and_explicit():
+    assert select_runtime("cpu", "fp32", "off") == CPU_FP32
+    forced = select_runtime("cpu", "bf16", "auto")
+    assert forced.bf16 and forced.channels_last and forced.precision == "bf16"
+
+
+def tiny_data(n=96, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 40, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    images[labels == 1, :, :14] = 220
+    return images, labels
+
+
+def train_once(augment_flip: bool = False):
+    from stages.models import SimpleCNN
+
+    torch.manual_seed(0)
+    x, y = tiny_data()
+    data = {"x_train": x, "y_train": y, "x_val": x[:32], "y_val": y[:32],
+            "mean": torch.tensor([0.3]), "std": torch.tensor([0.3])}
+    cfg = TrainParams(data="toy", model={"name": "simple_cnn"}, epochs=2, batch_size=32,
+                      augment={"flip": augment_flip}, device="cpu", precision="fp32")
+    model = SimpleCNN(num_classes=2)
+    history, best, _ = fit(model, data, cfg, CPU_FP32, seed=0)
+    return history, best
+
+
+def test_fit_learns_and_is_deterministic_on_cpu():
+    first_history, first_best = train_once(augment_flip=True)
+    second_history, second_best = train_once(augment_flip=True)
+    assert first_history[-1]["val_acc"] > 0.9
+    assert [r["val_loss"] for r in first_history] == [r["val_loss"] for r in second_history]
+    assert all(torch.equal(first_best[k], second_best[k]) for k in first_best)
+
+
+def test_nan_loss_stops_with_the_epoch():
+    from stages.errors import PipelineError
+
+    x, y = tiny_data()
+    data = {"x_train": x, "y_train": y, "x_val": x, "y_val": y,
+            "mean": torch.tensor([0.3]), "std": torch.tensor([0.3])}
+    cfg = TrainParams(data="toy", model={"name": "simple_cnn"}, epochs=1, lr=1e12, optimizer="sgd")
+    from stages.models import SimpleCNN
+
+    with pytest.raises(PipelineError, match="in epoch 1"):
+        fit(SimpleCNN(num_classes=2), data, cfg, CPU_FP32, seed=0)
