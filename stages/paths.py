@@ -13,6 +13,11 @@ PLOTS = ROOT / "plots"
 REPORT = ROOT / "report"
 
 
+def manifest(location: str) -> Path:
+    """A data manifest named in params (`data.<study>.manifest`), relative to the repository."""
+    return ROOT / location
+
+
 def raw(study: str) -> Path:
     """Canonical raw copy of a study's data, whatever its source (written by download)."""
     return DATA / "raw" / f"{study}.npz"

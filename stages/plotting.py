@@ -59,6 +59,7 @@ def tsne(panels: list[dict], classes: list[str], title: str, target: Path) -> No
             xs, ys = panel["boundary"]
             ax.plot(xs, ys, "k--", lw=1.5, label="linear SVM")
         ax.set_title(panel["name"] + (f" ({panel['note']})" if panel.get("note") else ""))
+        ax.set_aspect("equal", adjustable="datalim")  # t-SNE distances mean the same along both axes
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)

@@ -2,6 +2,10 @@
 optionally cap each split (stratified), compute the training split's per-channel mean/std
 and check for identical images across train and validation (a data leak).
 
+Image files that cannot stand for their class (empty, not an image, corrupt or truncated,
+a one-colour placeholder, over PIL's decompression-bomb limit) are skipped, counted and
+listed in the metrics; a class left without images stops the stage.
+
 Reads params `data.<study>.{channels,image_size,limit}` and `seed`; writes
 data/prepared/<study>.npz and metrics/data_<study>.json.
 """
@@ -20,6 +24,15 @@ from stages.files import save_json, save_npz
 from stages.sources import Split, load_raw, stratified_subset
 
 MODES = {1: "L", 3: "RGB"}
+LISTED_SKIPS = 100  # skipped files named in the metrics (all are counted)
+
+
+class UnusableImage(PipelineError):
+    """A file that cannot stand for its class; the stage skips it and counts the reason."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
 
 
 def fit_size(image: Image.Image, size: int) -> Image.Image:
@@ -28,18 +41,32 @@ def fit_size(image: Image.Image, size: int) -> Image.Image:
 
 
 def decode_file(data: bytes, name: str, channels: int, size: int | None) -> np.ndarray:
-    """Decode by content (a PNG named .jpg is fine), convert to L/RGB, optionally resize."""
+    """Decode by content (a PNG named .jpg is fine), convert to L/RGB, optionally resize.
+
+    Raises UnusableImage for files that are empty, not images, corrupt, blank or too large.
+    """
+    if not data:
+        raise UnusableImage(name, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency notes from PIL
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, not warn
             image = Image.open(io.BytesIO(data))
             image.load()
+            if image.mode.startswith("I;16"):  # 16-bit greyscale: scale to 8 bits (convert() would clip)
+                image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
             image = image.convert(MODES[channels])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UnusableImage(name, f"too large to decode safely ({err})") from None
+    except Image.UnidentifiedImageError:
+        raise UnusableImage(name, "not a readable image (no known image format)") from None
     except Exception as err:  # PIL raises many types for bad files; the user needs the file name
-        raise PipelineError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
-    if size is not None:
-        image = fit_size(image, size)
+        raise UnusableImage(name, f"not a readable image ({type(err).__name__}: {err})") from None
     array = np.asarray(image, dtype=np.uint8)
+    if (array == array[:1, :1]).all():
+        raise UnusableImage(name, f"blank placeholder (one colour, {image.width}x{image.height})")
+    if size is not None:
+        array = np.asarray(fit_size(image, size), dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 
@@ -61,20 +88,29 @@ def decode_array(pixel: np.ndarray, channels: int, size: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
-def decode_split(split: Split, name: str, channels: int, size: int | None, study: str) -> np.ndarray:
-    """uint8 [N, C, H, W] for one split."""
+def decode_split(split: Split, name: str, channels: int, size: int | None,
+                 study: str) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """uint8 [N, C, H, W] of one split's usable images, their indices in the split, and [file, reason]
+    for each skipped file."""
     if split.pixels is not None:
         images = convert_pixels(split.pixels, channels, size)
-    else:
-        decoded = [decode_file(data, file, channels, size)
-                   for data, file in tqdm(zip(split.files, split.names), total=len(split.files),
-                                          desc=f"decode {study} {name}", unit=" img")]
-        shapes = {image.shape for image in decoded}
-        if len(shapes) > 1:
-            raise PipelineError(f"{study} images differ in size ({len(shapes)} sizes, e.g. {sorted(shapes)[:2]}); "
-                                f"set data.{study}.image_size to resize them")
-        images = np.stack(decoded)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), np.arange(len(images)), []
+    decoded, kept, skipped = [], [], []
+    for index, (data, file) in enumerate(tqdm(zip(split.files, split.names), total=len(split.files),
+                                              desc=f"decode {study} {name}", unit=" img")):
+        try:
+            decoded.append(decode_file(data, file, channels, size))
+            kept.append(index)
+        except UnusableImage as err:
+            skipped.append([file, err.reason])
+    if skipped and not decoded:
+        raise PipelineError(f"{study}: no usable image in the {name} split (all {len(skipped)} skipped, "
+                            f"e.g. {skipped[0][0]}: {skipped[0][1]})")
+    shapes = {image.shape for image in decoded}
+    if len(shapes) > 1:
+        raise PipelineError(f"{study} images differ in size ({len(shapes)} sizes, e.g. {sorted(shapes)[:2]}); "
+                            f"set data.{study}.image_size to resize them")
+    return np.ascontiguousarray(np.stack(decoded).transpose(0, 3, 1, 2)), np.array(kept, dtype=np.int64), skipped
 
 
 def cross_split_duplicates(train: np.ndarray, validation: np.ndarray, train_names, val_names) -> list[list[str]]:
@@ -94,7 +130,7 @@ def main(study: str) -> None:
     cfg = params.study(all_params, study)
     raw = load_raw(paths.raw(study))
     arrays, summary = {}, {}
-    names = {}
+    names, skipped = {}, []
     for split_name, key in (("train", "train"), ("validation", "val")):
         split = raw.splits[split_name]
         keep = stratified_subset(split.labels, cfg.limit, all_params.seed)
@@ -102,14 +138,24 @@ def main(study: str) -> None:
                        pixels=None if split.pixels is None else split.pixels[keep],
                        files=[split.files[i] for i in keep] if split.files else [],
                        names=[split.names[i] for i in keep] if split.names else [])
-        arrays[f"x_{key}"] = decode_split(subset, split_name, cfg.channels, cfg.image_size, study)
-        arrays[f"y_{key}"] = subset.labels.astype(np.int64)
-        names[key] = subset.names or [f"{split_name}[{i}]" for i in keep]
-        summary[f"n_{key}"] = int(len(keep))
+        arrays[f"x_{key}"], kept, split_skipped = decode_split(subset, split_name, cfg.channels, cfg.image_size, study)
+        labels = subset.labels[kept]
+        emptied = sorted(set(subset.labels.tolist()) - set(labels.tolist()))
+        if emptied:
+            example = subset.names[np.flatnonzero(subset.labels == emptied[0])[0]]
+            raise PipelineError(f"{study}: class {raw.classes[emptied[0]]!r} has no usable image in the {split_name} "
+                                f"split (e.g. {example}: {dict(split_skipped)[example]})")
+        arrays[f"y_{key}"] = labels.astype(np.int64)
+        skipped += split_skipped
+        names[key] = [subset.names[i] for i in kept] if subset.names else [f"{split_name}[{i}]" for i in keep]
+        summary[f"n_{key}"] = int(len(labels))
     scaled = arrays["x_train"].astype(np.float32) / 255.0
     mean = scaled.mean(axis=(0, 2, 3))
     std = scaled.std(axis=(0, 2, 3))
     duplicates = cross_split_duplicates(arrays["x_train"], arrays["x_val"], names["train"], names["val"])
+    if skipped:
+        print(f"warning: {study}: skipped {len(skipped)} unusable image file(s) (listed in "
+              f"{paths.data_metrics(study).name}): {skipped[:3]}", file=sys.stderr)
     if duplicates:
         print(f"warning: {study}: {len(duplicates)} validation image(s) identical to training images "
               f"(kept; listed in {paths.data_metrics(study).name}): {duplicates[:5]}", file=sys.stderr)
@@ -123,6 +169,8 @@ def main(study: str) -> None:
         "std": [round(float(s), 5) for s in std],
         "duplicates_across_splits": len(duplicates),
         "duplicate_pairs": duplicates,
+        "skipped": len(skipped),
+        "skipped_files": skipped[:LISTED_SKIPS],
     })
     print(f"preprocess@{study}: train {summary['n_train']}, validation {summary['n_val']}, "
           f"shape {list(arrays['x_train'].shape[1:])}, mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")

@@ -7,11 +7,14 @@ DVCLive histories) and links their PNG figures; it imports no torch, so it is qu
 import csv
 import json
 import os
+import statistics
 from collections import Counter
 
 from stages import params, paths
 from stages.errors import PipelineError, stage_main
 from stages.files import save_text
+
+FOLDED_LAYERS = 40  # architecture tables longer than this are folded in the report
 
 
 def read_json(path):
@@ -60,6 +63,76 @@ def confusions(run: str, top: int = 5) -> tuple[int, int, list[tuple[str, str, i
     return len(rows), sum(wrong.values()), [(a, p, n) for (a, p), n in wrong.most_common(top)]
 
 
+def method(cfg) -> str:
+    """How a run learns, in words, for the comparison table."""
+    if cfg.method == "linear_svm":
+        return f"frozen features + linear SVM (C = {cfg.svm_c:g})"
+    augmented = ", augmented" if cfg.augment.active else ""
+    return f"{cfg.epochs} epochs {cfg.optimizer}, lr {cfg.lr:g}{augmented}"
+
+
+def comparison_sections(all_params) -> list[str]:
+    """Studies with several runs (the transfer-learning methods): one table next to the seed
+    and the runs' t-SNE figures together (the seed's Figure 8)."""
+    lines = []
+    for study, data in all_params.data.items():
+        runs = {run: cfg for run, cfg in all_params.train.items() if cfg.data == study}
+        if len(runs) < 2:
+            continue
+        rows = []
+        for run, cfg in runs.items():
+            metrics, tsne = read_json(paths.train_metrics(run)), read_json(paths.tsne_metrics(run))
+            reference = all_params.reference.get(run)
+            weights = getattr(cfg.model, "pretrained", None)
+            rows.append([run, cfg.model.name + {True: " (ImageNet)", False: " (random init)", None: ""}[weights],
+                         method(cfg), f"{cfg.input_size or data.image_size or '–'} px", pct(metrics["best_val_acc"]),
+                         pct(reference.best_val_acc) if reference else "–", pct(tsne["svm_2d_acc_features"]),
+                         pct(tsne["svm_2d_acc_logits"]), f"{metrics['train_seconds']:.0f} s"])
+        lines += [f"## {study}: methods compared", ""]
+        lines += table(["run", "model", "method", "input", "best val acc", "seed's", "t-SNE 2-D SVM: features",
+                        "t-SNE 2-D SVM: logits", "train time"], rows)
+        lines += ["", "t-SNE of each run's validation representations (the features that enter the classifier, "
+                  "and the logits) with the line of a linear SVM fitted on the 2-D points; the columns above give "
+                  "that SVM's accuracy on the projection:", ""]
+        lines += [f"![{run} t-SNE]({link(paths.tsne_png(run))})" for run in runs] + [""]
+    return lines
+
+
+def seed_groups(train: dict) -> dict[str, list[str]]:
+    """Runs whose configs differ only by `seed`, keyed by the first of them (params order).
+    The others are replicas: they appear in the summary and the seed table, not as sections."""
+    groups = {}
+    for run, cfg in train.items():
+        groups.setdefault(cfg.model_dump_json(exclude={"seed"}), []).append(run)
+    return {runs[0]: runs for runs in groups.values()}
+
+
+def mean_std(values: list[float], percent: bool = True) -> str:
+    scale, unit = (100, "%") if percent else (1, "")
+    return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}{unit}"
+
+
+def seed_section(all_params, groups: dict[str, list[str]]) -> list[str]:
+    """Mean ± sample standard deviation over the runs that repeat a config with other seeds."""
+    rows = []
+    for head, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        metrics = [read_json(paths.train_metrics(run)) for run in runs]
+        seeds = [all_params.seed if all_params.train[run].seed is None else all_params.train[run].seed for run in runs]
+        rows.append([head, len(runs), ", ".join(map(str, seeds)),
+                     mean_std([m["best_val_acc"] for m in metrics]), mean_std([m["final_val_acc"] for m in metrics]),
+                     mean_std([m["best_epoch"] for m in metrics], percent=False),
+                     ", ".join(pct(m["best_val_acc"]) for m in metrics)])
+    if not rows:
+        return []
+    return ["## Variation over random seeds", "",
+            "Runs whose parameters differ only by `seed` (weight initialisation, batch order, dropout): mean ± "
+            "sample standard deviation. Two single runs closer than this spread cannot be told apart from seed noise.",
+            ""] + table(["run", "runs", "random seeds", "best val acc", "final val acc", "epoch of best",
+                         "best val acc per seed"], rows) + [""]
+
+
 def run_section(run: str, cfg, reference) -> list[str]:
     metrics = read_json(paths.train_metrics(run))
     tsne = read_json(paths.tsne_metrics(run))
@@ -67,8 +140,11 @@ def run_section(run: str, cfg, reference) -> list[str]:
     arch = read_csv(paths.architecture(run))
     lines = [f"## {run}: {cfg.model.name} on {cfg.data}", ""]
     lines += ["### Architecture", ""]
-    lines += table(["layer", "output shape", "trainable params"],
+    layers = table(["layer", "output shape", "trainable params"],
                    [[r["layer"], r["output_shape"], f"{int(r['params']):,}"] for r in arch])
+    if len(arch) > FOLDED_LAYERS:  # an ImageNet backbone: hundreds of rows, folded
+        layers = [f"<details><summary>{len(arch)} layers</summary>", "", *layers, "", "</details>"]
+    lines += layers
     lines += ["", f"Total trainable parameters: **{metrics['n_params']:,}**.", ""]
     lines += ["### Learning curves and accuracy", "", f"![learning curves]({link(paths.learning_curves_png(run))})", ""]
     ours = [pct(metrics["best_val_acc"]), metrics["best_epoch"], metrics["epochs"], errors]
@@ -121,8 +197,10 @@ def main() -> None:
                         pct(reference.best_val_acc) if reference else "–",
                         (reference.best_epoch or "–") if reference else "–"])
     lines += ["## Summary", ""] + table(["run", "best val acc", "epoch", "seed's best", "seed's epoch"], summary)
-    lines += [""] + data_section(all_params)
-    for run, cfg in all_params.train.items():
+    groups = seed_groups(all_params.train)
+    distinct = all_params.model_copy(update={"train": {run: all_params.train[run] for run in groups}})
+    lines += [""] + data_section(all_params) + seed_section(all_params, groups) + comparison_sections(distinct)
+    for run, cfg in distinct.train.items():
         lines += run_section(run, cfg, all_params.reference.get(run))
     save_text(paths.report_md(), "\n".join(lines) + "\n")
     print(f"report: {paths.report_md()}")

@@ -6,10 +6,15 @@ Whatever the source, the download stage writes one npz (``data/raw/<study>.npz``
 decoded arrays) or the original file bytes ``<split>_bytes`` / ``<split>_offsets`` /
 ``<split>_names`` (for image files, decoded later by content, not by extension).
 Archives are read member by member in memory: nothing is ever extracted to disk, and
-members with absolute paths, ``..`` or links are refused.
+members with absolute paths, ``..``, links or an implausible size are refused.  An
+ImageFolder source may name a per-file sha256 manifest (`data.<study>.manifest`): archives
+such as GitHub's are not byte-stable, their files are.
 """
+import hashlib
 import os
+import re
 import stat
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -20,12 +25,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from stages import paths
 from stages.errors import PipelineError
 from stages.files import load_npz, local_copy, save_npz
 
 SPLITS = ("train", "validation")
 VALIDATION_NAMES = ("validation", "val", "test")  # accepted folder names, in order of preference
 SKIPPED_NAMES = ("__MACOSX", "Thumbs.db")
+MAX_MEMBER_BYTES = 1 << 30  # no image file is this large: a bigger member is a decompression bomb
 
 
 @dataclass
@@ -113,8 +120,11 @@ def from_torchvision(dataset: str, study: str, classes: list[str] | None) -> Raw
 
 
 # ---------------------------------------------------------------- ImageFolder sources
-def _checked_member(name: str, archive: Path) -> PurePosixPath:
-    member = PurePosixPath(name)
+def _checked_member(name: str, archive: Path, size: int = 0) -> PurePosixPath:
+    if size > MAX_MEMBER_BYTES:
+        raise PipelineError(f"{archive}: refusing member {name!r}: {size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte "
+                            "limit for one image file (a decompression bomb?)")
+    member = PurePosixPath(name.replace("\\", "/"))  # archives written on Windows may use backslashes
     if member.is_absolute() or ".." in member.parts or (member.parts and ":" in member.parts[0]):
         raise PipelineError(f"{archive}: refusing unsafe archive member {name!r} (absolute path or '..')")
     return member
@@ -127,7 +137,7 @@ def _skipped(member: PurePosixPath) -> bool:
 def _iter_zip(path: Path):
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            member = _checked_member(info.filename, path)
+            member = _checked_member(info.filename, path, info.file_size)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise PipelineError(f"{path}: refusing symbolic link member {info.filename!r}")
             if info.is_dir():
@@ -139,7 +149,7 @@ def _iter_zip(path: Path):
 def _iter_tar(path: Path):
     with tarfile.open(path, "r:*") as archive:
         for info in archive:
-            member = _checked_member(info.name, path)
+            member = _checked_member(info.name, path, info.size)
             if info.issym() or info.islnk():
                 raise PipelineError(f"{path}: refusing link member {info.name!r}")
             if info.isdir():
@@ -155,18 +165,21 @@ def _iter_dir(path: Path):
     for folder, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(dirs):
+            if Path(folder, name).is_symlink():
+                raise PipelineError(f"{Path(folder, name)}: refusing symbolic link to a folder (copy the folder instead)")
             yield PurePosixPath(Path(folder, name).relative_to(path).as_posix()), None
         for name in sorted(files):
             full = Path(folder, name)
-            member = PurePosixPath(full.relative_to(path).as_posix())
             if full.is_symlink() and not full.resolve().is_relative_to(root):
                 raise PipelineError(f"{full}: refusing symbolic link that points outside {path}")
+            member = _checked_member(full.relative_to(path).as_posix(), path, full.stat().st_size)
             if not _skipped(member):
                 yield member, full.read_bytes()
 
 
 def _entries(path: Path) -> dict[PurePosixPath, bytes | None]:
     """All members of a directory or archive: file path -> bytes, directory path -> None."""
+    kind = "folder" if path.is_dir() else "or truncated archive"
     try:
         if path.is_dir():
             reader = _iter_dir(path)
@@ -178,7 +191,7 @@ def _entries(path: Path) -> dict[PurePosixPath, bytes | None]:
             raise PipelineError(f"{path}: not a directory, zip or tar archive")
         return dict(tqdm(reader, desc=f"read {path.name}", unit=" files", leave=False))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise PipelineError(f"{path}: unreadable or truncated archive ({type(err).__name__}: {err})") from None
+        raise PipelineError(f"{path}: unreadable {kind} ({type(err).__name__}: {err})") from None
 
 
 def _split_root(entries, subdir: str | None, path: Path) -> PurePosixPath:
@@ -204,8 +217,12 @@ def from_imagefolder(path: Path, subdir: str | None) -> RawDataset:
     root = _split_root(entries, subdir, path)
     depth = len(root.parts)
     by_split: dict[str, dict[str, list]] = {}
+    stray = []
     for member, data in entries.items():
         if member.parts[:depth] != root.parts or len(member.parts) < depth + 2:
+            continue
+        if data is not None and len(member.parts) == depth + 2:
+            stray.append(str(member))  # a README beside the class folders is not a class
             continue
         split, cls = member.parts[depth], member.parts[depth + 1]
         files = by_split.setdefault(split, {}).setdefault(cls, [])
@@ -226,13 +243,52 @@ def from_imagefolder(path: Path, subdir: str | None) -> RawDataset:
         for label, cls in enumerate(classes):
             members = sorted(by_split[folder][cls])
             if not members:
-                raise PipelineError(f"{path}: class folder {folder}/{cls} is empty")
+                raise PipelineError(f"{path}: class folder {folder}/{cls} is empty (add images or remove it)")
             for name, data in members:
                 names.append(name)
                 files.append(data)
                 labels.append(label)
         splits[split] = Split(labels=np.array(labels, dtype=np.int64), files=files, names=names)
+    if stray:
+        print(f"warning: {path}: ignored {len(stray)} file(s) outside the class folders: {stray[:5]}", file=sys.stderr)
     return RawDataset(classes=classes, splits=splits)
+
+
+# ---------------------------------------------------------------- per-file manifest
+def manifest_lines(dataset: RawDataset) -> list[str]:
+    """`sha256sum` lines (`<hex>  <path from the split root>`) of every image file, by path."""
+    files = sorted((name, data) for split in dataset.splits.values() for name, data in zip(split.names, split.files))
+    return [f"{hashlib.sha256(data).hexdigest()}  {name}" for name, data in files]
+
+
+def read_manifest(path: Path, what: str) -> dict[str, str]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise PipelineError(f"{what}: manifest {path} not found") from None
+    entries = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
+        if match is None:
+            raise PipelineError(f"{path}:{number}: expected `<sha256>  <path>` (sha256sum format)")
+        entries[match.group(2)] = match.group(1).lower()
+    return entries
+
+
+def verify_manifest(dataset: RawDataset, manifest: Path, what: str) -> None:
+    """Every image file present, unchanged and listed; the first offender is named."""
+    expected = read_manifest(manifest, what)
+    actual = {name: digest for digest, name in (line.split("  ", 1) for line in manifest_lines(dataset))}
+    problems = [(name, f"changed (sha256 {actual[name][:12]}…, {manifest.name} says {expected[name][:12]}…)")
+                for name in sorted(expected.keys() & actual.keys()) if expected[name] != actual[name]]
+    problems += [(name, f"listed in {manifest.name} but missing") for name in sorted(expected.keys() - actual.keys())]
+    problems += [(name, f"not listed in {manifest.name}") for name in sorted(actual.keys() - expected.keys())]
+    if problems:
+        name, problem = problems[0]
+        more = f" ({len(problems) - 1} more file(s) disagree)" if len(problems) > 1 else ""
+        raise PipelineError(f"{what}: {name} {problem}{more}")
 
 
 # ---------------------------------------------------------------- canonical raw form
@@ -244,6 +300,8 @@ def read_source(study: str, cfg) -> RawDataset:
         if cfg.source == "npz":
             return from_npz(path, study, cfg.classes)
         dataset = from_imagefolder(path, cfg.subdir)
+    if cfg.manifest:
+        verify_manifest(dataset, paths.manifest(cfg.manifest), f"data.{study}.manifest")
     if cfg.classes is not None and cfg.classes != dataset.classes:
         raise PipelineError(f"data.{study}.classes {cfg.classes} differ from the class folders {dataset.classes}")
     return dataset
@@ -272,7 +330,8 @@ def load_raw(path: Path) -> RawDataset:
         else:
             blob, offsets = arrays[f"{name}_bytes"].tobytes(), arrays[f"{name}_offsets"]
             files = [blob[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
-            splits[name] = Split(labels=arrays[f"{name}_labels"], files=files, names=list(arrays[f"{name}_names"]))
+            splits[name] = Split(labels=arrays[f"{name}_labels"], files=files,
+                                 names=[str(n) for n in arrays[f"{name}_names"]])
     return RawDataset(classes=[str(c) for c in arrays["classes"]], splits=splits)
 
 

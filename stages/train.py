@@ -2,7 +2,8 @@
 
 Reads params `train.<run>` and `seed`; writes the best epoch's weights
 (data/models/<run>.pt), the architecture table, the DVCLive history
-(plots/<run>/live), the learning-curve figure and metrics/<run>.json.
+(plots/<run>/live), the learning-curve figure and metrics/<run>.json.  With nproc or nnodes
+above 1 it re-launches itself under torchrun; rank 0 alone writes (docs/distributed.md).
 """
 import csv
 import sys
@@ -10,10 +11,10 @@ import sys
 import numpy as np
 import torch
 
-from stages import models, params, paths, plotting
+from stages import distributed, models, params, paths, plotting
 from stages.errors import PipelineError, stage_main
 from stages.files import atomic_path, load_npz, save_json
-from stages.training import fit, select_runtime
+from stages.training import fit, fit_linear_svm, select_runtime
 
 
 def load_prepared(study: str, device) -> tuple[dict, list[str]]:
@@ -38,17 +39,27 @@ def main(run: str) -> None:
 
     all_params = params.load()
     cfg = params.run(all_params, run)
-    rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
-    torch.manual_seed(all_params.seed)
+    if cfg.nproc * cfg.nnodes > 1 and not distributed.launched():
+        distributed.launch("stages.train", [run], cfg, name=f"train@{run}")
+        return
+    rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.deterministic)
+    if distributed.world() > 1:
+        rt = distributed.init(rt)
+    main_rank = distributed.is_main()
+    seed = all_params.seed if cfg.seed is None else cfg.seed
+    torch.manual_seed(seed)
     data, classes = load_prepared(cfg.data, rt.device)
     input_shape = tuple(data["x_train"].shape[1:])
+    if cfg.input_size is not None:
+        input_shape = (input_shape[0], cfg.input_size, cfg.input_size)
     model = models.build(cfg.model, in_channels=input_shape[0], num_classes=len(classes), image_size=input_shape[1])
-    write_architecture(models.summarize(model, input_shape), paths.architecture(run))
     n_params = models.count_parameters(model)
-    print(f"train@{run}: {type(model).__name__} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
-          f"channels_last={rt.channels_last}), {len(data['x_train'])} training images")
-
-    live = Live(dir=str(paths.live(run)), dvcyaml=False, save_dvc_exp=False)
+    if main_rank:
+        write_architecture(models.summarize(model, input_shape), paths.architecture(run))
+        print(f"train@{run}: {type(model).__name__} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
+              f"channels_last={rt.channels_last}), {len(data['x_train'])} training images, "
+              f"{distributed.world()} process(es)")
+        live = Live(dir=str(paths.live(run)), dvcyaml=False, save_dvc_exp=False)
 
     def log_epoch(row: dict) -> None:
         live.step = row["epoch"]
@@ -57,16 +68,26 @@ def main(run: str) -> None:
             live.log_metric(f"{split}/acc", row[f"{split}_acc"])
 
     try:
-        history, best_state, seconds = fit(model, data, cfg, rt, all_params.seed, log_epoch, name=f"train@{run}")
+        method = fit if cfg.method == "gradient" else fit_linear_svm
+        history, best_state, seconds = method(model, data, cfg, rt, seed, log_epoch, name=f"train@{run}")
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(f"train@{run}: CUDA out of memory; lower train.{run}.batch_size "
                             f"(now {cfg.batch_size})") from None
+    except RuntimeError as err:
+        if "does not have a deterministic implementation" not in str(err):
+            raise
+        raise PipelineError(f"train@{run}: {str(err).split(',')[0]}; set train.{run}.deterministic: false") from None
+    distributed.teardown()
+    if not main_rank:
+        return
     live.end()
     best = max(history, key=lambda row: row["val_acc"])
-    with atomic_path(paths.model(run)) as tmp:
+    # Saved through a file object: given a path, torch names the archive inside after the
+    # (temporary) file name, and the same weights would hash differently on every run.
+    with atomic_path(paths.model(run)) as tmp, open(tmp, "wb") as fh:
         torch.save({"state_dict": {k: v.contiguous() for k, v in best_state.items()},
-                    "model": cfg.model.model_dump(), "input_shape": list(input_shape),
-                    "classes": classes, "epoch": best["epoch"]}, tmp)
+                    "model": cfg.model.model_dump(), "input_shape": list(input_shape), "input_size": cfg.input_size,
+                    "classes": classes, "epoch": best["epoch"]}, fh)
     plotting.learning_curves(history, f"{run} ({type(model).__name__})", paths.learning_curves_png(run))
     train_images = len(data["x_train"]) * cfg.epochs
     save_json(paths.train_metrics(run), {

@@ -39,11 +39,28 @@ def linear_separability(points: np.ndarray, labels: np.ndarray, seed: int):
     accuracy = float(svm.score(scaler.transform(points), labels))
     if len(svm.classes_) != 2:
         return accuracy, None
-    (w1, w2), b = svm.coef_[0] / scaler.scale_, svm.intercept_[0] - np.dot(svm.coef_[0], scaler.mean_ / scaler.scale_)
-    xs = np.array([points[:, 0].min(), points[:, 0].max()])
-    if abs(w2) < 1e-12:
-        return accuracy, (np.array([-b / w1] * 2), np.array([points[:, 1].min(), points[:, 1].max()]))
-    return accuracy, (xs, -(w1 * xs + b) / w2)
+    weights, bias = svm.coef_[0] / scaler.scale_, svm.intercept_[0] - np.dot(svm.coef_[0], scaler.mean_ / scaler.scale_)
+    return accuracy, clip_line(weights, bias, points)
+
+
+def clip_line(weights, bias: float, points: np.ndarray):
+    """The part of the line w.x + b = 0 inside the points' bounding box, as ((x0, x1), (y0, y1)),
+    or None if it misses the box; a steep line would otherwise stretch the figure's axes."""
+    low, high = points.min(axis=0), points.max(axis=0)
+    tolerance = 1e-9 * float(np.max(high - low) or 1.0)
+    candidates = []
+    for axis in (0, 1):
+        other = 1 - axis
+        if abs(weights[other]) > 1e-12:  # where the line crosses the box's two sides across `axis`
+            for value in (low[axis], high[axis]):
+                point = np.empty(2)
+                point[axis], point[other] = value, -(weights[axis] * value + bias) / weights[other]
+                candidates.append(point)
+    inside = sorted((tuple(p) for p in candidates if np.all(p >= low - tolerance) and np.all(p <= high + tolerance)))
+    if len(inside) < 2:
+        return None
+    (x0, y0), (x1, y1) = inside[0], inside[-1]
+    return np.array([x0, x1]), np.array([y0, y1])
 
 
 @stage_main

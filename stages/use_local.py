@@ -3,7 +3,8 @@
     python -m stages.use_local ../shared/datasets
 
 Sets source, path (absolute, so `dvc exp` temp copies find it) and the known sha256 of
-each copy present in the folder; studies without a copy are left as they are.  It edits
+each copy present in the folder, and subdir null (the copies hold train/ at the top);
+studies without a copy are left as they are.  It edits
 params.yaml in place (comments kept), so the switch is visible in `git diff`, never silent.
 """
 import sys
@@ -29,6 +30,7 @@ def main(folder: str, params_file: Path = paths.PARAMS) -> None:
         raise PipelineError(f"{folder}: not a directory")
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.width = 4096  # keep each line as written
     yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = yaml.load(params_file)
     changed = []
@@ -37,6 +39,8 @@ def main(folder: str, params_file: Path = paths.PARAMS) -> None:
             continue
         name, source, checksum = LOCAL_COPIES[study]
         section["source"], section["path"], section["sha256"] = source, str(root / name), checksum
+        if "subdir" in section:
+            section["subdir"] = None
         changed.append(f"{study} <- {root / name} ({source})")
     if not changed:
         raise PipelineError(f"{folder}: none of {', '.join(v[0] for v in LOCAL_COPIES.values())} found")

@@ -15,7 +15,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
 # What a stage needs to run: everything git tracks except tests and docs.
-REPO_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+REPO_FILES = ("stages", "dvc.yaml", "params.yaml", "manifests", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+TEST_IMAGE_SIZE = 48  # cap on generated image sides: ImageNet backbones take any size >= 32
 
 
 def class_pattern_images(n: int, size: int, channels: int, n_classes: int, seed: int):
@@ -138,14 +139,30 @@ def repo(tmp_path) -> Repo:
             updates.update({f"data.{study}.source": "npz", f"data.{study}.path": str(path)})
         else:
             classes = cfg.get("classes") or ["alpha", "beta"]
-            files = imagefolder_files(n_per_class=12 if len(classes) <= 2 else 6, size=cfg.get("image_size") or 32,
-                                      classes=classes)
+            size = min(cfg.get("image_size") or 32, TEST_IMAGE_SIZE)
+            files = imagefolder_files(n_per_class=12 if len(classes) <= 2 else 6, size=size, classes=classes)
             path = write_zip(data / f"{study}.zip", files)
-            updates.update({f"data.{study}.source": "imagefolder", f"data.{study}.path": str(path)})
-        updates.update({f"data.{study}.sha256": None, f"data.{study}.limit": None})
-    for run in repo.params["train"]:
+            updates.update({f"data.{study}.source": "imagefolder", f"data.{study}.path": str(path),
+                            f"data.{study}.subdir": None,
+                            f"data.{study}.image_size": size if cfg.get("image_size") else None})
+        updates.update({f"data.{study}.sha256": None, f"data.{study}.limit": None, f"data.{study}.manifest": None})
+    for run, cfg in repo.params["train"].items():
         updates[f"train.{run}.epochs"] = 1
+        if cfg.get("input_size"):
+            updates[f"train.{run}.input_size"] = 32
+        if cfg.get("warmup_epochs"):
+            updates[f"train.{run}.warmup_epochs"] = 0.5
     repo.set_params(**updates)
     repo.run("git", "init", "-q")
     repo.commit("initial")
     return repo
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Repo:
+    """One full `dvc repro` of the tiny repository, shared by the tests of every module that
+    only read it or work on their own copy (the DAG holds several studies: run it once)."""
+    shared = repo.__wrapped__(tmp_path_factory.mktemp("pipeline"))
+    shared.dvc("repro")
+    shared.commit("reproduced")
+    return shared

@@ -27,16 +27,18 @@ def test_unreadable_image_names_the_file():
 
 
 def test_mixed_sizes_need_image_size():
-    split = Split(labels=np.array([0, 1]), files=[png_bytes(np.zeros((8, 8, 3), np.uint8)),
-                                                  png_bytes(np.zeros((9, 8, 3), np.uint8))], names=["a", "b"])
+    split = Split(labels=np.array([0, 1]), files=[png_bytes(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)),
+                                                  png_bytes(np.arange(9 * 8 * 3, dtype=np.uint8).reshape(9, 8, 3))],
+                  names=["a", "b"])
     with pytest.raises(PipelineError, match="image_size"):
         decode_split(split, "train", 3, None, "pets")
-    assert decode_split(split, "train", 3, 6, "pets").shape == (2, 3, 6, 6)
+    assert decode_split(split, "train", 3, 6, "pets")[0].shape == (2, 3, 6, 6)
 
 
 def test_gray_arrays_become_rgb_when_asked():
     split = Split(labels=np.array([0]), pixels=np.full((1, 4, 4, 1), 7, np.uint8))
-    out = decode_split(split, "train", 3, None, "x")
+    out, kept, skipped = decode_split(split, "train", 3, None, "x")
+    assert kept.tolist() == [0] and skipped == []
     assert out.shape == (1, 3, 4, 4) and (out == 7).all()
 
 

@@ -1,4 +1,4 @@
-"""The real MNIST copy in ../shared (skipped only where that folder is absent)."""
+"""The real dataset copies in ../shared (skipped only where that folder is absent)."""
 import json
 
 import pytest
@@ -18,3 +18,21 @@ def test_mnist_chain_on_the_shared_copy(repo):
     metrics = json.loads((repo.root / "metrics/mnist.json").read_text())
     assert metrics["n_params"] == 813_802
     assert metrics["best_val_acc"] > 0.85  # chance is 0.10
+
+
+@pytest.mark.skipif(not (SHARED / "alien-vs-predator.zip").exists(),
+                    reason="../shared/datasets/alien-vs-predator.zip is absent")
+def test_avp_data_on_the_shared_copy(repo, tmp_path):
+    """use_local + the committed manifest: all 894 files verified, the five PNGs named .jpg
+    decoded, the two train/validation duplicate pairs reported."""
+    repo.stage("use_local", str(SHARED), check=True)
+    repo.set_params(**{"data.avp.manifest": "manifests/avp.sha256"})
+    assert repo.params["data"]["avp"]["subdir"] is None
+    repo.dvc("repro", "preprocess@avp")
+    data = json.loads((repo.root / "metrics/data_avp.json").read_text())
+    assert data["n_train"] == 694 and data["n_val"] == 200
+    assert sorted(data["duplicate_pairs"]) == [["train/predator/199.jpg", "validation/predator/1.jpg"],
+                                               ["train/predator/247.jpg", "validation/predator/58.jpg"]]
+    regenerated = tmp_path / "avp.sha256"
+    repo.stage("manifest", str(SHARED / "alien-vs-predator.zip"), str(regenerated), check=True)
+    assert regenerated.read_text() == (repo.root / "manifests/avp.sha256").read_text()

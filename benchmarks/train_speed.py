@@ -1,0 +1,300 @@
+"""Images/s of the project's train step and embedding pass against a seed-style loop, on the
+same model and data, in one process:
+
+    python -m benchmarks.train_speed [--steps 50] [--batch-size 128] [--device auto] ...
+
+The project path is stages.training itself (`fit` and `infer`: uint8 tensors in memory,
+normalised per batch, precision and layout chosen by `select_runtime`).  The seed-style path is
+what the practical's notebooks do: a torchvision-style dataset that makes a PIL image of each
+item and applies ToTensor + Normalize, a DataLoader, fp32, contiguous tensors, `.item()` every
+step.  Before timing, both paths compute the fp32 loss of one batch from the same weights, so the
+comparison is shown to be like for like.  Data: each study's prepared arrays
+(data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
+"""
+import argparse
+import contextlib
+import copy
+import io
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from stages import models, paths
+from stages.params import TrainParams
+from stages.training import Runtime, fit, infer, select_runtime
+
+STUDY_MODELS = {"mnist": "simple_cnn", "cifar10": "alexnet"}
+LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]  # (bf16, channels_last)
+
+
+def load_arrays(path: Path) -> dict:
+    """uint8 NCHW train/validation images, int64 labels and float32 per-channel mean/std.
+
+    Reads a prepared npz (x_val, mean, std) or a Keras-layout one (x_test, NHW or NHWC).
+    """
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    prepared = "mean" in arrays
+    out = {}
+    for split, key in (("train", "x_train"), ("val", "x_val" if prepared else "x_test")):
+        images = arrays[key]
+        if not prepared:
+            images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        out[f"x_{split}"] = np.ascontiguousarray(images)
+        out[f"y_{split}"] = arrays[key.replace("x_", "y_")].astype(np.int64)
+    if prepared:
+        out["mean"], out["std"] = arrays["mean"].astype(np.float32), arrays["std"].astype(np.float32)
+    else:
+        scaled = out["x_train"].astype(np.float32) / 255.0
+        out["mean"], out["std"] = scaled.mean(axis=(0, 2, 3)), scaled.std(axis=(0, 2, 3))
+    return out
+
+
+class SeedStyleDataset(Dataset):
+    """What torchvision's MNIST/CIFAR10 do per item: a PIL image from HW(C) uint8, then transform."""
+
+    def __init__(self, images_nchw: np.ndarray, labels: np.ndarray, mean, std):
+        images = images_nchw.transpose(0, 2, 3, 1)
+        self.data = np.ascontiguousarray(images[..., 0] if images.shape[-1] == 1 else images)
+        self.targets = labels
+        self.transform = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize([float(m) for m in mean], [float(s) for s in std])])
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.data[index])), int(self.targets[index])
+
+
+def cycle(n: int, available: int) -> np.ndarray:
+    """Indices of n items drawn in order from `available`, repeating when there are too few."""
+    return np.arange(n) % available
+
+
+def build_model(study: str, arrays: dict, batch_size: int) -> tuple[nn.Module, TrainParams]:
+    cfg = TrainParams(data=study, model={"name": STUDY_MODELS[study]}, epochs=1, batch_size=batch_size)
+    channels, size = arrays["x_train"].shape[1], arrays["x_train"].shape[2]
+    num_classes = int(max(arrays["y_train"].max(), arrays["y_val"].max())) + 1
+    return models.build(cfg.model, in_channels=channels, num_classes=num_classes, image_size=size), cfg
+
+
+def project_fit(model, images, labels, arrays, cfg, rt: Runtime, seed: int = 0) -> tuple[float, float]:
+    """One epoch of stages.training.fit over `images`; (images/s of the epoch, its mean train loss)."""
+    to = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)  # noqa: E731
+    data = {"x_train": to(images), "y_train": to(labels), "x_val": to(images[:1]), "y_val": to(labels[:1]),
+            "mean": to(arrays["mean"]), "std": to(arrays["std"])}
+    with contextlib.redirect_stdout(io.StringIO()):  # fit prints one line per epoch
+        history, _, _ = fit(model, data, cfg, rt, seed)
+    return len(images) / history[0]["epoch_seconds"], history[0]["train_loss"]
+
+
+def seed_train(model, loader: DataLoader, device: torch.device, steps: int, warmup: int) -> float:
+    """The notebook loop: fp32, per-item transforms through the DataLoader, .item() each step."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    done, images, running_loss, started = 0, 0, 0.0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            if done == warmup:
+                started, images = time.perf_counter(), 0
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            logits, _ = model(x)
+            loss = criterion(logits, y)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            done, images = done + 1, images + len(y)
+            if done == warmup + steps:
+                break
+    return images / (time.perf_counter() - started)
+
+
+def seed_loss(model, dataset: Dataset, device: torch.device) -> float:
+    """Loss of the whole (small) dataset as one training batch, the seed's way."""
+    model.to(device).train()
+    x, y = next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=True)))
+    logits, _ = model(x.to(device))
+    return nn.CrossEntropyLoss()(logits, y.to(device)).item()
+
+
+def same_loss(study: str, arrays: dict, device: torch.device, n: int = 64, seed: int = 0) -> tuple[float, float]:
+    """fp32 loss of the same n images through the project's fit and the seed-style path, same weights.
+
+    Dropout is switched off so that the batch order (fit shuffles) cannot change the result.
+    """
+    images, labels = arrays["x_train"][:n], arrays["y_train"][:n]
+    torch.manual_seed(seed)
+    model, cfg = build_model(study, arrays, batch_size=n)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    seed_model = copy.deepcopy(model)
+    _, project = project_fit(model, images, labels, arrays, cfg, Runtime(device, bf16=False, channels_last=False), seed)
+    return project, seed_loss(seed_model, SeedStyleDataset(images, labels, arrays["mean"], arrays["std"]), device)
+
+
+def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: int) -> float:
+    """The embed stage's pass: stages.training.infer over CPU uint8 images, results back on the host."""
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    mean, std = (torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std"))
+    host = torch.from_numpy(np.ascontiguousarray(images))
+    list(infer(model, host[:batch_size], mean, std, rt, batch_size))  # warm-up
+    started = time.perf_counter()
+    for logits, features in infer(model, host, mean, std, rt, batch_size):
+        logits.cpu(), features.cpu()
+    return len(images) / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def seed_embed(model, loader: DataLoader, device: torch.device) -> float:
+    model.to(device).eval()
+    for x, _ in loader:  # warm-up batch
+        model(x.to(device))
+        break
+    started, images = time.perf_counter(), 0
+    for x, _ in loader:
+        logits, features = model(x.to(device))
+        logits.cpu().numpy(), features.cpu().numpy()
+        images += len(x)
+    return images / (time.perf_counter() - started)
+
+
+def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int = 128, embed_batches: int = 10,
+        embed_batch_size: int = 500, device: str = "auto", workers: int = 0, repeats: int = 3,
+        matrix: bool = True, seed: int = 0) -> dict:
+    """Measure every study in `data` ({study: npz path}); images/s are medians over `repeats`."""
+    rt = select_runtime(device)
+    results = {"runtime": rt, "studies": {}}
+    for study, path in data.items():
+        arrays = load_arrays(path)
+        torch.manual_seed(seed)
+        model, cfg = build_model(study, arrays, batch_size)
+        train_idx = cycle(steps * batch_size, len(arrays["x_train"]))
+        images, labels = arrays["x_train"][train_idx], arrays["y_train"][train_idx]
+        warm = cycle(warmup * batch_size, len(arrays["x_train"]))
+        loader = DataLoader(SeedStyleDataset(images, labels, arrays["mean"], arrays["std"]), batch_size=batch_size,
+                            shuffle=True, num_workers=workers)
+        layouts = LAYOUTS if matrix else [(rt.bf16, rt.channels_last)]
+        speeds = {layout: [] for layout in layouts}
+        seed_speeds = []
+        for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both paths
+            for bf16, channels_last in layouts:
+                layout_rt = Runtime(rt.device, bf16, channels_last)
+                project_fit(copy.deepcopy(model), arrays["x_train"][warm], arrays["y_train"][warm], arrays, cfg,
+                            layout_rt, seed)
+                speeds[(bf16, channels_last)].append(
+                    project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
+            seed_speeds.append(seed_train(copy.deepcopy(model), loader, rt.device, steps, warmup))
+        val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
+        val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
+        val_loader = DataLoader(SeedStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"]),
+                                batch_size=embed_batch_size, num_workers=workers)
+        project_embeds, seed_embeds = [], []
+        for _ in range(repeats):
+            project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
+            seed_embeds.append(seed_embed(copy.deepcopy(model), val_loader, rt.device))
+        median = {layout: statistics.median(values) for layout, values in speeds.items()}
+        train = {"project": median[(rt.bf16, rt.channels_last)], "seed": statistics.median(seed_speeds)}
+        embed = {"project": statistics.median(project_embeds), "seed": statistics.median(seed_embeds)}
+        results["studies"][study] = {
+            "model": type(model).__name__,
+            "same_loss": same_loss(study, arrays, rt.device, seed=seed),
+            "train": {**train, "ratio": train["project"] / train["seed"]},
+            "embed": {**embed, "ratio": embed["project"] / embed["seed"]},
+            "matrix": median if matrix else {},
+        }
+    return results
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{model}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads){gpu}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def layout_name(bf16: bool, channels_last: bool) -> str:
+    return {(False, False): "fp32", (False, True): "channels_last", (True, False): "bf16",
+            (True, True): "bf16 + channels_last"}[(bf16, channels_last)]
+
+
+def report(results: dict, args) -> str:
+    rt = results["runtime"]
+    auto = layout_name(rt.bf16, rt.channels_last)
+    lines = [f"machine: {machine()}", f"device: {rt.device}; auto precision/layout: {auto}",
+             f"train: batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up; embed: "
+             f"{args.embed_batches} batches of {args.embed_batch_size}; DataLoader workers {args.workers}; "
+             f"median of {args.repeats}", ""]
+    lines += ["| study | model | fp32 loss, project / seed-style (same batch) | train img/s, project "
+              f"({auto}) | train img/s, seed-style (fp32) | ratio | embed img/s, project | embed img/s, "
+              "seed-style | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for study, r in results["studies"].items():
+        project_loss, seed = r["same_loss"]
+        lines.append(f"| {study} | {r['model']} | {project_loss:.6f} / {seed:.6f} | {r['train']['project']:,.0f} | "
+                     f"{r['train']['seed']:,.0f} | {r['train']['ratio']:.2f}x | {r['embed']['project']:,.0f} | "
+                     f"{r['embed']['seed']:,.0f} | {r['embed']['ratio']:.2f}x |")
+    if any(r["matrix"] for r in results["studies"].values()):
+        lines += ["", "Project train step by precision/layout, img/s (ratio to fp32):", "",
+                  "| study | " + " | ".join(layout_name(*layout) for layout in LAYOUTS) + " |",
+                  "|---|" + "---|" * len(LAYOUTS)]
+        for study, r in results["studies"].items():
+            fp32 = r["matrix"][(False, False)]
+            lines.append(f"| {study} ({r['model']}) | " + " | ".join(
+                f"{r['matrix'][layout]:,.0f} ({r['matrix'][layout] / fp32:.2f}x)" for layout in LAYOUTS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.split("\n\n")[0])
+    for study in STUDY_MODELS:
+        parser.add_argument(f"--{study}", type=Path, default=paths.prepared(study), metavar="NPZ",
+                            help=f"prepared or Keras-layout npz (default {paths.prepared(study)})")
+    parser.add_argument("--studies", nargs="+", choices=list(STUDY_MODELS), default=list(STUDY_MODELS))
+    parser.add_argument("--steps", type=int, default=50, help="timed train steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed train steps before each measurement")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--embed-batches", type=int, default=10)
+    parser.add_argument("--embed-batch-size", type=int, default=500)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="seed-style DataLoader worker processes")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (median reported)")
+    parser.add_argument("--no-matrix", dest="matrix", action="store_false",
+                        help="skip the fp32/channels_last/bf16 matrix (measure only the auto choice)")
+    args = parser.parse_args(argv)
+    for study in args.studies:
+        if not getattr(args, study).exists():
+            parser.error(f"{getattr(args, study)} not found: run `dvc repro preprocess@{study}` or pass --{study}")
+    load_before = load()
+    results = run({study: getattr(args, study) for study in args.studies}, steps=args.steps, warmup=args.warmup,
+                  batch_size=args.batch_size, embed_batches=args.embed_batches,
+                  embed_batch_size=args.embed_batch_size, device=args.device, workers=args.workers,
+                  repeats=args.repeats, matrix=args.matrix)
+    print(report(results, args))
+    print(f"\nload average (1, 5, 15 min): before {load_before}, after {load()}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
