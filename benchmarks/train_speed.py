@@ -18,6 +18,7 @@ import io
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def build_model(study: str, arrays: dict, batch_size: int) -> tuple[nn.Module, T
 
 def project_fit(model, images, labels, arrays, cfg, rt: Runtime, seed: int = 0) -> tuple[float, float]:
     """One epoch of stages.training.fit over `images`; (images/s of the epoch, its mean train loss)."""
-    to = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)  # noqa: E731
+    def to(array):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
+
     data = {"x_train": to(images), "y_train": to(labels), "x_val": to(images[:1]), "y_val": to(labels[:1]),
             "mean": to(arrays["mean"]), "std": to(arrays["std"])}
     with contextlib.redirect_stdout(io.StringIO()):  # fit prints one line per epoch
@@ -198,7 +201,10 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
                             layout_rt, seed)
                 speeds[(bf16, channels_last)].append(
                     project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
+                progress(f"{study}: train step, project {layout_name(bf16, channels_last)}: "
+                         f"{speeds[(bf16, channels_last)][-1]:,.0f} img/s")
             seed_speeds.append(seed_train(copy.deepcopy(model), loader, rt.device, steps, warmup))
+            progress(f"{study}: train step, seed-style fp32: {seed_speeds[-1]:,.0f} img/s")
         val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
         val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
         val_loader = DataLoader(SeedStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"]),
@@ -207,6 +213,8 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
         for _ in range(repeats):
             project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
             seed_embeds.append(seed_embed(copy.deepcopy(model), val_loader, rt.device))
+            progress(f"{study}: embedding, project {project_embeds[-1]:,.0f} img/s, "
+                     f"seed-style {seed_embeds[-1]:,.0f} img/s")
         median = {layout: statistics.median(values) for layout, values in speeds.items()}
         train = {"project": median[(rt.bf16, rt.channels_last)], "seed": statistics.median(seed_speeds)}
         embed = {"project": statistics.median(project_embeds), "seed": statistics.median(seed_embeds)}
@@ -218,6 +226,10 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
             "matrix": median if matrix else {},
         }
     return results
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def machine() -> str:

@@ -71,11 +71,13 @@ def main(argv=None) -> list[dict]:
     if not args.embeddings.exists():
         parser.error(f"{args.embeddings} not found: run `dvc repro embed@mnist` or pass --embeddings")
     rows = run(args.embeddings, args.repeats, args.max_points)
-    print("| representation | points | backend | seconds | 2-D linear SVM acc | 2-D 10-NN acc |\n|---|---|---|---|---|---|")
+    print("| representation | points | backend | seconds | 2-D linear SVM acc | 2-D 10-NN acc |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['representation']} | {row['points']} | {row['backend']} | {row['seconds']:.1f} | "
               f"{row['svm_2d_acc']:.4f} | {row['knn_2d_acc']:.4f} |")
-    print(f"\n{os.cpu_count()} CPUs; load average (1, 5, 15 min) after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"\n{os.cpu_count()} CPUs; load average (1, 5, 15 min) after: {load}")
     return rows
 
 

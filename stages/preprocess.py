@@ -62,30 +62,27 @@ def decode_file(data: bytes, name: str, channels: int, size: int | None) -> np.n
         raise UnusableImage(name, "not a readable image (no known image format)") from None
     except Exception as err:  # PIL raises many types for bad files; the user needs the file name
         raise UnusableImage(name, f"not a readable image ({type(err).__name__}: {err})") from None
-    array = np.asarray(image, dtype=np.uint8)
-    if (array == array[:1, :1]).all():
+    pixels = np.asarray(image)
+    if (pixels == pixels[:1, :1]).all():
         raise UnusableImage(name, f"blank placeholder (one colour, {image.width}x{image.height})")
+    return image_array(image, channels, size)
+
+
+def image_array(image: Image.Image, channels: int, size: int | None) -> np.ndarray:
+    """uint8 [H, W, C] in the study's colour mode, resized (shorter side + centre crop) if asked."""
+    image = image.convert(MODES[channels])
     if size is not None:
-        array = np.asarray(fit_size(image, size), dtype=np.uint8)
+        image = fit_size(image, size)
+    array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 
 def convert_pixels(pixels: np.ndarray, channels: int, size: int | None) -> np.ndarray:
-    """Arrays from npz/torchvision: match the channel count and, if asked, the image size."""
-    if pixels.shape[-1] != channels:
-        mode_in = MODES[pixels.shape[-1]]
-        pixels = np.stack([np.asarray(Image.fromarray(p.squeeze(-1) if p.shape[-1] == 1 else p, mode_in)
-                                      .convert(MODES[channels])) for p in pixels])
-        pixels = pixels[..., None] if channels == 1 else pixels
-    if size is not None and pixels.shape[1:3] != (size, size):
-        pixels = np.stack([decode_array(p, channels, size) for p in pixels])
-    return pixels
-
-
-def decode_array(pixel: np.ndarray, channels: int, size: int) -> np.ndarray:
-    image = fit_size(Image.fromarray(pixel.squeeze(-1) if channels == 1 else pixel), size)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    """Arrays from npz/torchvision: converted only when the channel count or the size must change."""
+    if pixels.shape[-1] == channels and (size is None or pixels.shape[1:3] == (size, size)):
+        return pixels
+    return np.stack([image_array(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p), channels, size)
+                     for p in pixels])
 
 
 def decode_split(split: Split, name: str, channels: int, size: int | None,

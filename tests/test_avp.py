@@ -189,6 +189,32 @@ def test_manifest_accepts_the_files_and_names_a_changed_missing_or_extra_one(tmp
         read_source("pets", folder(tree, manifest=str(manifest)))
 
 
+def test_github_style_archive_over_http_with_subdir_and_manifest(tmp_path):
+    """The default source's shape: an http(s) zip whose split root sits two folders down,
+    no archive checksum, the files checked by the manifest."""
+    import functools
+    import http.server
+    import threading
+
+    from tests.conftest import write_zip
+
+    top = "tfjs-data-9bc28bd716be7e047012f7c1b612bdcaf0650c22/avp"
+    files = imagefolder_files(classes=("alien", "predator"))
+    write_zip(tmp_path / "archive.zip", {f"{top}/{name}": data for name, data in files.items()})
+    manifest = tmp_path / "avp.sha256"
+    manifest.write_text("\n".join(manifest_lines(read_source("avp", folder(write_tree(tmp_path / "tree", files))))))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = folder(f"http://127.0.0.1:{server.server_port}/archive.zip", subdir=top, manifest=str(manifest),
+                     classes=["alien", "predator"])
+        dataset = read_source("avp", cfg)
+    finally:
+        server.shutdown()
+    assert dataset.classes == ["alien", "predator"] and len(dataset.splits["validation"]) == 12
+
+
 def test_committed_avp_manifest_lists_the_894_files():
     from tests.conftest import ROOT
 

@@ -17,7 +17,7 @@ def test_mnist_chain_on_the_shared_copy(repo):
     assert abs(data["mean"][0] - 0.1307) < 0.01  # MNIST's well-known pixel mean
     metrics = json.loads((repo.root / "metrics/mnist.json").read_text())
     assert metrics["n_params"] == 813_802
-    assert metrics["best_val_acc"] > 0.85  # chance is 0.10
+    assert metrics["best_val_acc"] > 0.75  # chance is 0.10; 1 epoch on 3,000 images gives ~0.85
 
 
 @pytest.mark.skipif(not (SHARED / "alien-vs-predator.zip").exists(),
