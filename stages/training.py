@@ -322,7 +322,7 @@ def fit_linear_svm(model, data: dict, cfg, rt: Runtime, seed: int, on_epoch=None
         with torch.no_grad():
             logits = model.head(feats.to(model.head.weight.dtype))
         row[f"{split}_loss"] = F.cross_entropy(logits, labels).item()
-        row[f"{split}_acc"] = (logits.argmax(1) == labels).float().mean().item()
+        row[f"{split}_acc"] = (logits.argmax(1) == labels).sum().item() / len(labels)
     seconds = time.perf_counter() - started
     row.update(epoch_seconds=seconds, lr=0.0)
     print(f"{name}: linear SVM (C={cfg.svm_c:g}) on {train_features.shape[1]}-d features | train acc "
