@@ -1,6 +1,7 @@
 """benchmarks.train_speed on tiny data: both paths report throughput, and they are comparable."""
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import train_speed
 from tests.conftest import write_npz
@@ -29,10 +30,10 @@ def test_benchmark_reports_both_paths_on_the_same_loss(tiny_studies, capsys):
 
 def test_loss_check_notices_a_different_input_pipeline(tiny_studies, monkeypatch):
     arrays = train_speed.load_arrays(tiny_studies["cifar10"])
-    project, seed = train_speed.same_loss("cifar10", arrays, train_speed.torch.device("cpu"))
+    project, seed = train_speed.same_loss("cifar10", arrays, torch.device("cpu"))
     assert project == pytest.approx(seed, rel=1e-5, abs=0)
     original = train_speed.SeedStyleDataset.__getitem__
     monkeypatch.setattr(train_speed.SeedStyleDataset, "__getitem__",
                         lambda self, i: (original(self, i)[0].flip(2), int(self.targets[i])))  # mirrored images
-    project, seed = train_speed.same_loss("cifar10", arrays, train_speed.torch.device("cpu"))
+    project, seed = train_speed.same_loss("cifar10", arrays, torch.device("cpu"))
     assert project != pytest.approx(seed, rel=1e-5, abs=0)
