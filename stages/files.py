@@ -4,7 +4,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -129,8 +128,3 @@ def load_npz(path: Path, what: str) -> dict:
         raise PipelineError(f"{what}: {path} not found; run the earlier stages (dvc repro)") from None
     except Exception as err:  # zipfile/pickle/format errors all mean the same to the user
         raise PipelineError(f"{what}: {path} is not a readable npz file ({type(err).__name__}: {err})") from None
-
-
-def clear_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
