@@ -586,13 +586,16 @@ def test_cuda_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
 
 
 # ---------------------------------------------------------------- SIGKILL during dvc repro
-KILL_EPOCHS = 20  # the kill lands after epoch 1 with the rest to go; the rerun trains all 20 (~0.1-0.7 s each)
+# Batches of 2 make each tiny epoch ~50 optimizer steps, so the kill after epoch 1 lands with
+# seconds of training to go even on a quiet machine (one batch per epoch finished all 20 first).
+KILL_EPOCHS = 20
+KILL_BATCH_SIZE = 2
 
 
 def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(repo):
     import psutil
 
-    repo.set_params(**{"train.mnist.epochs": KILL_EPOCHS})
+    repo.set_params(**{"train.mnist.epochs": KILL_EPOCHS, "train.mnist.batch_size": KILL_BATCH_SIZE})
     repo.commit("many epochs")
     repo.dvc("repro", "preprocess@mnist")
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@mnist"], cwd=repo.root, env=repo.env,
