@@ -84,8 +84,9 @@ def comparison_sections(all_params) -> list[str]:
             metrics, tsne = read_json(paths.train_metrics(run)), read_json(paths.tsne_metrics(run))
             reference = all_params.reference.get(run)
             weights = getattr(cfg.model, "pretrained", None)
+            size = cfg.input_size or data.image_size
             rows.append([run, cfg.model.name + {True: " (ImageNet)", False: " (random init)", None: ""}[weights],
-                         method(cfg), f"{cfg.input_size or data.image_size or '–'} px", pct(metrics["best_val_acc"]),
+                         method(cfg), f"{size} px" if size else "native", pct(metrics["best_val_acc"]),
                          pct(reference.best_val_acc) if reference else "–", pct(tsne["svm_2d_acc_features"]),
                          pct(tsne["svm_2d_acc_logits"]), f"{metrics['train_seconds']:.0f} s"])
         lines += [f"## {study}: methods compared", ""]

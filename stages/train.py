@@ -56,7 +56,7 @@ def main(run: str) -> None:
     n_params = models.count_parameters(model)
     if main_rank:
         write_architecture(models.summarize(model, input_shape), paths.architecture(run))
-        print(f"train@{run}: {type(model).__name__} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
+        print(f"train@{run}: {cfg.model.name} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
               f"channels_last={rt.channels_last}), {len(data['x_train'])} training images, "
               f"{distributed.world()} process(es)")
         live = Live(dir=str(paths.live(run)), dvcyaml=False, save_dvc_exp=False)
@@ -88,7 +88,7 @@ def main(run: str) -> None:
         torch.save({"state_dict": {k: v.contiguous() for k, v in best_state.items()},
                     "model": cfg.model.model_dump(), "input_shape": list(input_shape), "input_size": cfg.input_size,
                     "classes": classes, "epoch": best["epoch"]}, fh)
-    plotting.learning_curves(history, f"{run} ({type(model).__name__})", paths.learning_curves_png(run))
+    plotting.learning_curves(history, f"{run} ({cfg.model.name})", paths.learning_curves_png(run))
     train_images = len(data["x_train"]) * cfg.epochs
     save_json(paths.train_metrics(run), {
         "best_val_acc": best["val_acc"],

@@ -78,3 +78,30 @@ def test_nan_loss_stops_with_the_epoch():
 
     with pytest.raises(PipelineError, match="in epoch 1"):
         fit(SimpleCNN(num_classes=2), data, cfg, CPU_FP32, seed=0)
+
+
+def test_augmentation_touches_training_batches_only(monkeypatch):
+    """fit() augments every training image once per epoch and never a validation image."""
+    import stages.training as training
+    from stages.models import SimpleCNN
+
+    seen = []
+
+    def recording_augment(batch, *args, **kwargs):
+        seen.append(batch.clone())
+        return augment(batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "augment", recording_augment)
+    x, y = tiny_data()
+    x_val = torch.full((16, 1, 28, 28), 7, dtype=torch.uint8)  # no training image looks like these
+    data = {"x_train": x, "y_train": y, "x_val": x_val, "y_val": y[:16],
+            "mean": torch.tensor([0.3]), "std": torch.tensor([0.3])}
+    cfg = TrainParams(data="toy", model={"name": "simple_cnn"}, epochs=2, batch_size=32,
+                      augment={"crop_padding": 2, "flip": True}, device="cpu", precision="fp32")
+    fit(SimpleCNN(num_classes=2), data, cfg, CPU_FP32, seed=0)
+    augmented = torch.cat(seen)
+    assert len(augmented) == 2 * len(x)
+    assert not (augmented == 7).flatten(1).all(1).any()
+    # each epoch augments a permutation of the training set
+    epoch_sums = sorted(int(b.sum()) for b in augmented.flatten(1)[:len(x)])
+    assert epoch_sums == sorted(int(b.sum()) for b in x.flatten(1))
