@@ -2,7 +2,8 @@
 coloured by class, with a linear SVM fitted on the 2-D points as a measure of how linearly
 separable the projection is (the line is drawn for two-class studies, as in the seed's Fig. 8).
 
-openTSNE rather than scikit-learn: measured 9.4 s vs 25.8 s on 10k x 128 here.  Wide
+openTSNE rather than scikit-learn: on this project's real 10k-point embeddings they tie on an
+idle 2-core machine, and openTSNE was ~2x faster on a busy one (docs/speed.md).  Wide
 features are reduced with PCA first (`tsne.pca_dims`), the usual practice.
 Reads params `tsne.*` and `seed`; writes plots/<run>/tsne.csv, tsne.png and metrics/tsne_<run>.json.
 """
