@@ -99,9 +99,9 @@ def test_augmentation_touches_training_batches_only(monkeypatch):
     cfg = TrainParams(data="toy", model={"name": "simple_cnn"}, epochs=2, batch_size=32,
                       augment={"crop_padding": 2, "flip": True}, device="cpu", precision="fp32")
     fit(SimpleCNN(num_classes=2), data, cfg, CPU_FP32, seed=0)
-    augmented = torch.cat(seen)
-    assert len(augmented) == 2 * len(x)
-    assert not (augmented == 7).flatten(1).all(1).any()
+    inputs = torch.cat(seen)  # what augment() was given, over both epochs
+    assert len(inputs) == 2 * len(x)
+    assert not (inputs == 7).flatten(1).all(1).any()
     # each epoch augments a permutation of the training set
-    epoch_sums = sorted(int(b.sum()) for b in augmented.flatten(1)[:len(x)])
+    epoch_sums = sorted(int(b.sum()) for b in inputs.flatten(1)[:len(x)])
     assert epoch_sums == sorted(int(b.sum()) for b in x.flatten(1))
