@@ -150,9 +150,7 @@ def same_loss(study: str, arrays: dict, device: torch.device, n: int = 64, seed:
 
 def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: int) -> float:
     """The embed stage's pass: stages.training.infer over CPU uint8 images, results back on the host."""
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
+    rt.place(model)
     mean, std = (torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std"))
     host = torch.from_numpy(np.ascontiguousarray(images))
     list(infer(model, host[:batch_size], mean, std, rt, batch_size))  # warm-up

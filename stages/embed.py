@@ -52,9 +52,7 @@ def main(run: str) -> None:
     arrays = load_npz(paths.prepared(cfg.data), f"prepared data of {cfg.data}")
     model, checkpoint = load_model(run)
     rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
+    rt.place(model)
     mean, std = input_stats(model, *(torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std")))
     images = torch.from_numpy(arrays["x_val"])
     logits, features = [], []

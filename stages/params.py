@@ -220,3 +220,9 @@ def run(params: Params, name: str) -> TrainParams:
     if name not in params.train:
         raise PipelineError(f"unknown run {name!r}: params.yaml `train` has {', '.join(params.train)}")
     return params.train[name]
+
+
+def run_seed(params: Params, name: str) -> int:
+    """The random seed a run trains with: its own `seed`, else the global one."""
+    own = params.train[name].seed
+    return params.seed if own is None else own

@@ -120,7 +120,7 @@ def seed_section(all_params, groups: dict[str, list[str]]) -> list[str]:
         if len(runs) < 2:
             continue
         metrics = [read_json(paths.train_metrics(run)) for run in runs]
-        seeds = [all_params.seed if all_params.train[run].seed is None else all_params.train[run].seed for run in runs]
+        seeds = [params.run_seed(all_params, run) for run in runs]
         rows.append([head, len(runs), ", ".join(map(str, seeds)),
                      mean_std([m["best_val_acc"] for m in metrics]), mean_std([m["final_val_acc"] for m in metrics]),
                      mean_std([m["best_epoch"] for m in metrics], percent=False),

@@ -46,7 +46,7 @@ def main(run: str) -> None:
     if distributed.world() > 1:
         rt = distributed.init(rt)
     main_rank = distributed.is_main()
-    seed = all_params.seed if cfg.seed is None else cfg.seed
+    seed = params.run_seed(all_params, run)
     torch.manual_seed(seed)
     data, classes = load_prepared(cfg.data, rt.device)
     input_shape = tuple(data["x_train"].shape[1:])

@@ -35,6 +35,8 @@ def test_runtime_auto_and_explicit():
     assert select_runtime("cpu", "fp32", "off") == CPU_FP32
     forced = select_runtime("cpu", "bf16", "auto")
     assert forced.bf16 and forced.channels_last and forced.precision == "bf16"
+    conv = forced.place(torch.nn.Conv2d(3, 8, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
 
 def tiny_data(n=96, seed=0):
