@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -586,19 +587,37 @@ def test_cuda_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
 
 
 # ---------------------------------------------------------------- SIGKILL during dvc repro
-# Batches of 2 make each tiny epoch ~50 optimizer steps, so the kill after epoch 1 lands with
-# seconds of training to go even on a quiet machine (one batch per epoch finished all 20 first).
-KILL_EPOCHS = 20
-KILL_BATCH_SIZE = 2
+# The train stage stops itself (SIGSTOP) right after printing epoch 1, so the kill lands mid-run
+# however fast the machine: racing a running stage lost on CI, where 20 tiny epochs took 3 s.
+KILL_EPOCHS = 3
+PAUSE_AFTER_FIRST_EPOCH = """
+import builtins, os, signal, sys
+
+_print = builtins.print
 
 
-def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(repo):
+def print(*args, **kwargs):
+    _print(*args, **kwargs)
+    if args and str(args[0]).startswith("train@mnist epoch 1:"):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+builtins.print = print
+"""
+
+
+def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(repo, tmp_path):
     import psutil
 
-    repo.set_params(**{"train.mnist.epochs": KILL_EPOCHS, "train.mnist.batch_size": KILL_BATCH_SIZE})
+    repo.set_params(**{"train.mnist.epochs": KILL_EPOCHS})
     repo.commit("many epochs")
     repo.dvc("repro", "preprocess@mnist")
-    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@mnist"], cwd=repo.root, env=repo.env,
+    hook = tmp_path / "pause_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_AFTER_FIRST_EPOCH)
+    env = {**repo.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), repo.env.get("PYTHONPATH")]))}
+    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@mnist"], cwd=repo.root, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed, seen = None, []
     try:
@@ -607,6 +626,10 @@ def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(re
             if "train@mnist epoch 1:" in line:
                 stage = next(p for p in psutil.Process(dvc.pid).children(recursive=True)
                              if "stages.train" in " ".join(p.cmdline()))
+                deadline = time.monotonic() + 30
+                while stage.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert stage.status() == psutil.STATUS_STOPPED
                 killed = stage.pid
                 os.kill(killed, signal.SIGKILL)
                 break
@@ -616,7 +639,7 @@ def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(re
             os.killpg(dvc.pid, signal.SIGKILL)
     assert killed is not None, "".join(seen)
     assert dvc.returncode != 0
-    assert f"train@mnist epoch {KILL_EPOCHS}:" not in rest
+    assert "train@mnist epoch 2:" not in rest
     assert not (repo.root / "data/models/mnist.pt").exists()
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
     assert "train@mnist" not in lock["stages"]
