@@ -591,7 +591,7 @@ def test_cuda_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
 # however fast the machine: racing a running stage lost on CI, where 20 tiny epochs took 3 s.
 KILL_EPOCHS = 3
 PAUSE_AFTER_FIRST_EPOCH = """
-import builtins, os, signal, sys
+import builtins, os, pathlib, signal, sys
 
 _print = builtins.print
 
@@ -600,6 +600,9 @@ def print(*args, **kwargs):
     _print(*args, **kwargs)
     if args and str(args[0]).startswith("train@mnist epoch 1:"):
         sys.stdout.flush()
+        pid_file = pathlib.Path(os.environ["PAUSED_PID_FILE"])
+        pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+        pid_file.with_suffix(".tmp").replace(pid_file)
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -616,7 +619,11 @@ def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(re
     hook = tmp_path / "pause_hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PAUSE_AFTER_FIRST_EPOCH)
-    env = {**repo.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), repo.env.get("PYTHONPATH")]))}
+    # The hook names the paused process itself: with SHELL unset dvc runs the stage under a
+    # forking /bin/sh whose command line also mentions stages.train.
+    paused_pid_file = tmp_path / "paused.pid"
+    env = {**repo.env, "PAUSED_PID_FILE": str(paused_pid_file),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), repo.env.get("PYTHONPATH")]))}
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@mnist"], cwd=repo.root, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed, seen = None, []
@@ -624,9 +631,10 @@ def test_training_killed_mid_run_is_not_accepted_and_the_next_repro_completes(re
         for line in dvc.stdout:
             seen.append(line)
             if "train@mnist epoch 1:" in line:
-                stage = next(p for p in psutil.Process(dvc.pid).children(recursive=True)
-                             if "stages.train" in " ".join(p.cmdline()))
                 deadline = time.monotonic() + 30
+                while not paused_pid_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                stage = psutil.Process(int(paused_pid_file.read_text()))
                 while stage.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert stage.status() == psutil.STATUS_STOPPED
