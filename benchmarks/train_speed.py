@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from stages import models, paths
-from stages.params import TrainParams
-from stages.training import Runtime, fit, infer, select_runtime
+from imgcls import models, paths
+from imgcls.params import TrainParams
+from imgcls.training import Runtime, fit, infer, select_runtime
 
 STUDY_MODELS = {"mnist": "simple_cnn", "cifar10": "alexnet"}
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]  # (bf16, channels_last)

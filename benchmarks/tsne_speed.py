@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params, paths
-from stages.sources import stratified_subset
-from stages.tsne import REPRESENTATIONS, linear_separability, project
+from imgcls import params, paths
+from imgcls.sources import stratified_subset
+from imgcls.projection import REPRESENTATIONS, linear_separability, project
 
 
 def sklearn_project(vectors: np.ndarray, cfg, seed: int) -> np.ndarray:

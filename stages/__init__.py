@@ -1,1 +1,1 @@
-"""DVC pipeline stages (one module per stage) and the small library they share."""
+"""The six DVC stage commands, one module per stage (python -m stages.<stage>)."""

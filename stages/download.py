@@ -2,9 +2,9 @@
 write the canonical raw copy (data/raw/<study>.npz).  Reads params `data.<study>`."""
 import sys
 
-from stages import params, paths
-from stages.errors import stage_main
-from stages.sources import read_source, save_raw
+from imgcls import params, paths
+from imgcls.errors import stage_main
+from imgcls.sources import read_source, save_raw
 
 
 @stage_main

@@ -10,31 +10,12 @@ import sys
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter
 from sklearn.metrics import confusion_matrix
 
-from stages import models, params, paths, plotting
-from stages.errors import PipelineError, stage_main
-from stages.files import atomic_path, load_npz, save_npz
-from stages.training import infer, input_stats, select_runtime
-
-
-def load_model(run: str):
-    """Rebuild the network from its checkpoint (weights_only: no pickle from disk)."""
-    try:
-        checkpoint = torch.load(paths.model(run), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"embed@{run}: {paths.model(run)} not found; run train@{run} first") from None
-    except Exception as err:  # truncated file, or a pickle that is more than tensors and plain data
-        detail = str(err).split("\n")[0][:200]
-        raise PipelineError(f"embed@{run}: {paths.model(run)} is not a checkpoint train@{run} wrote "
-                            f"({type(err).__name__}: {detail}); rerun train@{run}") from None
-    model_params = TypeAdapter(params.ModelParams).validate_python(checkpoint["model"])
-    channels, size = checkpoint["input_shape"][0], checkpoint["input_shape"][1]
-    model = models.build(model_params, in_channels=channels, num_classes=len(checkpoint["classes"]), image_size=size,
-                         load_weights=False)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model, checkpoint
+from imgcls import checkpoint as checkpoints, params, paths, plotting
+from imgcls.errors import stage_main
+from imgcls.files import atomic_path, load_npz, save_npz
+from imgcls.training import infer, input_stats, select_runtime
 
 
 def write_predictions(labels, predictions, classes, target) -> None:
@@ -50,7 +31,7 @@ def main(run: str) -> None:
     all_params = params.load()
     cfg = params.run(all_params, run)
     arrays = load_npz(paths.prepared(cfg.data), f"prepared data of {cfg.data}")
-    model, checkpoint = load_model(run)
+    model, checkpoint = checkpoints.load(run)
     rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
     rt.place(model)
     mean, std = input_stats(model, *(torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std")))

@@ -9,116 +9,17 @@ listed in the metrics; a class left without images stops the stage.
 Reads params `data.<study>.{channels,image_size,limit}` and `seed`; writes
 data/prepared/<study>.npz and metrics/data_<study>.json.
 """
-import hashlib
-import io
 import sys
-import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
-from tqdm import tqdm
 
-from stages import params, paths
-from stages.errors import PipelineError, stage_main
-from stages.files import save_json, save_npz
-from stages.sources import Split, load_raw, stratified_subset
+from imgcls import params, paths
+from imgcls.errors import PipelineError, stage_main
+from imgcls.files import save_json, save_npz
+from imgcls.images import cross_split_duplicates, decode_split
+from imgcls.sources import Split, load_raw, stratified_subset
 
-MODES = {1: "L", 3: "RGB"}
 LISTED_SKIPS = 100  # skipped files named in the metrics (all are counted)
-
-
-class UnusableImage(PipelineError):
-    """A file that cannot stand for its class; the stage skips it and counts the reason."""
-
-    def __init__(self, name: str, reason: str):
-        super().__init__(f"{name}: {reason}")
-        self.reason = reason
-
-
-def fit_size(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and centre-crop a square (the usual eval transform)."""
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-
-
-def decode_file(data: bytes, name: str, channels: int, size: int | None) -> np.ndarray:
-    """Decode by content (a PNG named .jpg is fine), convert to L/RGB, optionally resize.
-
-    Raises UnusableImage for files that are empty, not images, corrupt, blank or too large.
-    """
-    if not data:
-        raise UnusableImage(name, "empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette-with-transparency notes from PIL
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, not warn
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            if image.mode.startswith("I;16"):  # 16-bit greyscale: scale to 8 bits (convert() would clip)
-                image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-            image = image.convert(MODES[channels])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UnusableImage(name, f"too large to decode safely ({err})") from None
-    except Image.UnidentifiedImageError:
-        raise UnusableImage(name, "not a readable image (no known image format)") from None
-    except Exception as err:  # PIL raises many types for bad files; the user needs the file name
-        raise UnusableImage(name, f"not a readable image ({type(err).__name__}: {err})") from None
-    pixels = np.asarray(image)
-    if (pixels == pixels[:1, :1]).all():
-        raise UnusableImage(name, f"blank placeholder (one colour, {image.width}x{image.height})")
-    return image_array(image, channels, size)
-
-
-def image_array(image: Image.Image, channels: int, size: int | None) -> np.ndarray:
-    """uint8 [H, W, C] in the study's colour mode, resized (shorter side + centre crop) if asked."""
-    image = image.convert(MODES[channels])
-    if size is not None:
-        image = fit_size(image, size)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
-
-
-def convert_pixels(pixels: np.ndarray, channels: int, size: int | None) -> np.ndarray:
-    """Arrays from npz/torchvision: converted only when the channel count or the size must change."""
-    if pixels.shape[-1] == channels and (size is None or pixels.shape[1:3] == (size, size)):
-        return pixels
-    return np.stack([image_array(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p), channels, size)
-                     for p in pixels])
-
-
-def decode_split(split: Split, name: str, channels: int, size: int | None,
-                 study: str) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """uint8 [N, C, H, W] of one split's usable images, their indices in the split, and [file, reason]
-    for each skipped file."""
-    if split.pixels is not None:
-        images = convert_pixels(split.pixels, channels, size)
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), np.arange(len(images)), []
-    decoded, kept, skipped = [], [], []
-    for index, (data, file) in enumerate(tqdm(zip(split.files, split.names), total=len(split.files),
-                                              desc=f"decode {study} {name}", unit=" img")):
-        try:
-            decoded.append(decode_file(data, file, channels, size))
-            kept.append(index)
-        except UnusableImage as err:
-            skipped.append([file, err.reason])
-    if skipped and not decoded:
-        raise PipelineError(f"{study}: no usable image in the {name} split (all {len(skipped)} skipped, "
-                            f"e.g. {skipped[0][0]}: {skipped[0][1]})")
-    shapes = {image.shape for image in decoded}
-    if len(shapes) > 1:
-        raise PipelineError(f"{study} images differ in size ({len(shapes)} sizes, e.g. {sorted(shapes)[:2]}); "
-                            f"set data.{study}.image_size to resize them")
-    return np.ascontiguousarray(np.stack(decoded).transpose(0, 3, 1, 2)), np.array(kept, dtype=np.int64), skipped
-
-
-def cross_split_duplicates(train: np.ndarray, validation: np.ndarray, train_names, val_names) -> list[list[str]]:
-    """Pairs (train, validation) of byte-identical images, by content hash of the decoded pixels."""
-    seen = {hashlib.sha1(image.tobytes()).hexdigest(): name for image, name in zip(train, train_names)}
-    pairs = []
-    for image, name in zip(validation, val_names):
-        match = seen.get(hashlib.sha1(image.tobytes()).hexdigest())
-        if match is not None:
-            pairs.append([match, name])
-    return pairs
 
 
 @stage_main

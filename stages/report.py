@@ -10,9 +10,9 @@ import os
 import statistics
 from collections import Counter
 
-from stages import params, paths
-from stages.errors import PipelineError, stage_main
-from stages.files import save_text
+from imgcls import params, paths
+from imgcls.errors import PipelineError, stage_main
+from imgcls.files import save_text
 
 FOLDED_LAYERS = 40  # architecture tables longer than this are folded in the report
 

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import torch
 
-from stages import distributed, models, params, paths, plotting
-from stages.errors import PipelineError, stage_main
-from stages.files import atomic_path, load_npz, save_json
-from stages.training import fit, fit_linear_svm, select_runtime
+from imgcls import checkpoint, distributed, models, params, paths, plotting
+from imgcls.errors import PipelineError, stage_main
+from imgcls.files import atomic_path, load_npz, save_json
+from imgcls.training import fit, fit_linear_svm, select_runtime
 
 
 def load_prepared(study: str, device) -> tuple[dict, list[str]]:
@@ -82,12 +82,7 @@ def main(run: str) -> None:
         return
     live.end()
     best = max(history, key=lambda row: row["val_acc"])
-    # Saved through a file object: given a path, torch names the archive inside after the
-    # (temporary) file name, and the same weights would hash differently on every run.
-    with atomic_path(paths.model(run)) as tmp, open(tmp, "wb") as fh:
-        torch.save({"state_dict": {k: v.contiguous() for k, v in best_state.items()},
-                    "model": cfg.model.model_dump(), "input_shape": list(input_shape), "input_size": cfg.input_size,
-                    "classes": classes, "epoch": best["epoch"]}, fh)
+    checkpoint.save(run, best_state, cfg.model, input_shape, cfg.input_size, classes, best["epoch"])
     plotting.learning_curves(history, f"{run} ({cfg.model.name})", paths.learning_curves_png(run))
     train_images = len(data["x_train"]) * cfg.epochs
     save_json(paths.train_metrics(run), {

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
 # What a stage needs to run: everything git tracks except tests and docs.
-REPO_FILES = ("stages", "dvc.yaml", "params.yaml", "manifests", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
+REPO_FILES = ("stages", "imgcls", "dvc.yaml", "params.yaml", "manifests", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
               ".dvcignore", ".gitignore")
 TEST_IMAGE_SIZE = 48  # cap on generated image sides: ImageNet backbones take any size >= 32
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from stages import models
-from stages.errors import PipelineError
-from stages.params import DataParams, EfficientNetLite0Params, ResNet18Params, TrainParams
-from stages.preprocess import decode_file
-from stages.sources import manifest_lines, read_source
-from stages.training import Runtime, augment, infer, input_stats, make_scheduler
+from imgcls import models
+from imgcls.errors import PipelineError
+from imgcls.params import DataParams, EfficientNetLite0Params, ResNet18Params, TrainParams
+from imgcls.images import decode_file
+from imgcls.sources import manifest_lines, read_source
+from imgcls.training import Runtime, augment, infer, input_stats, make_scheduler
 from tests.conftest import imagefolder_files, png_bytes, write_tree
 
 CPU = Runtime(torch.device("cpu"), bf16=False, channels_last=False)

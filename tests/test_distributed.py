@@ -7,19 +7,19 @@ import psutil
 import pytest
 import torch
 
-from stages.params import TrainParams
+from imgcls.params import TrainParams
 from tests.conftest import write_npz
 
 OUTPUTS = ("data/models/mnist.pt", "metrics/mnist.json")
 # Imported by every Python process on PYTHONPATH; makes rank 1 of a torchrun launch fail in fit().
 FAIL_RANK_1 = '''import os
 if os.environ.get("RANK") == "1":
-    import stages.training
+    import imgcls.training
 
     def fit(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
 
-    stages.training.fit = fit
+    imgcls.training.fit = fit
 '''
 
 

@@ -26,11 +26,11 @@ import torch
 import yaml
 from PIL import Image
 
-from stages import download, embed, files, params, paths, preprocess, sources, tsne
-from stages.errors import PipelineError, stage_main
-from stages.params import DataParams
-from stages.preprocess import UnusableImage, decode_file
-from stages.sources import read_source
+from imgcls import download, embed, files, params, paths, preprocess, sources, tsne
+from imgcls.errors import PipelineError, stage_main
+from imgcls.params import DataParams
+from imgcls.images import UnusableImage, decode_file
+from imgcls.sources import read_source
 from tests.conftest import ROOT, imagefolder_files, png_bytes, write_npz, write_tree, write_zip
 
 
@@ -415,7 +415,7 @@ def test_class_left_without_usable_images_stops_preprocess(workspace, tmp_path, 
 
 
 # ---------------------------------------------------------------- loading
-SOURCE_TREES = ("stages", "tests")
+SOURCE_TREES = ("stages", "imgcls", "tools", "benchmarks", "tests")
 
 
 def python_files():
@@ -565,9 +565,6 @@ def test_stage_failure_prints_one_error_line_and_writes_nothing(prepared, tmp_pa
     assert not (repo.root / "data/raw/mnist.npz").exists()
     assert not (repo.root / "data/models/mnist.pt").exists() and not (repo.root / "metrics/mnist.json").exists()
 
-
-def test_use_local_with_a_missing_folder_prints_one_error_line(prepared):
-    assert_one_error_line(prepared.stage("use_local", "/nonexistent"), "/nonexistent: not a directory")
 
 
 OOM_FIT = """

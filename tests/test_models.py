@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stages.models import AlexNet, SimpleCNN, count_parameters, summarize
+from imgcls.models import AlexNet, SimpleCNN, count_parameters, summarize
 
 SEED_SIMPLECNN = [  # (output shape, trainable params) from the report's section 1 table
     ("32x28x28", 320), ("32x28x28", 0), ("32x28x28", 9248), ("32x28x28", 0), ("32x14x14", 0),

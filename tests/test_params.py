@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from stages import params
-from stages.errors import PipelineError
+from imgcls import params
+from imgcls.errors import PipelineError
 from tests.conftest import ROOT
 
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from stages import params
+from imgcls import params
 from stages.report import seed_groups
 
 

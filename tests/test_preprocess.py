@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from stages.errors import PipelineError
-from stages.preprocess import cross_split_duplicates, decode_file, decode_split
-from stages.sources import Split, stratified_subset
+from imgcls.errors import PipelineError
+from imgcls.images import cross_split_duplicates, decode_file, decode_split
+from imgcls.sources import Split, stratified_subset
 from tests.conftest import png_bytes
 
 

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from stages.errors import PipelineError
-from stages.params import DataParams
-from stages.sources import load_raw, read_source, save_raw
+from imgcls.errors import PipelineError
+from imgcls.params import DataParams
+from imgcls.sources import load_raw, read_source, save_raw
 from tests.conftest import imagefolder_files, write_npz, write_tree, write_zip
 
 

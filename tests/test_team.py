@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from stages.training import select_runtime
+from imgcls.training import select_runtime
 
 RUNS = ("mnist", "mnist_seed1")  # one run and a seed replica of it
 TIMING = {"train_seconds", "seconds_per_epoch", "train_images_per_second"}  # differ run to run by nature

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from stages.params import TrainParams
-from stages.training import Runtime, augment, fit, normalize, select_runtime
+from imgcls.params import TrainParams
+from imgcls.training import Runtime, augment, fit, normalize, select_runtime
 
 CPU_FP32 = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
 
@@ -48,7 +48,7 @@ def tiny_data(n=96, seed=0):
 
 
 def train_once(augment_flip: bool = False):
-    from stages.models import SimpleCNN
+    from imgcls.models import SimpleCNN
 
     torch.manual_seed(0)
     x, y = tiny_data()
@@ -70,13 +70,13 @@ def test_fit_learns_and_is_deterministic_on_cpu():
 
 
 def test_nan_loss_stops_with_the_epoch():
-    from stages.errors import PipelineError
+    from imgcls.errors import PipelineError
 
     x, y = tiny_data()
     data = {"x_train": x, "y_train": y, "x_val": x, "y_val": y,
             "mean": torch.tensor([0.3]), "std": torch.tensor([0.3])}
     cfg = TrainParams(data="toy", model={"name": "simple_cnn"}, epochs=1, lr=1e12, optimizer="sgd")
-    from stages.models import SimpleCNN
+    from imgcls.models import SimpleCNN
 
     with pytest.raises(PipelineError, match="in epoch 1"):
         fit(SimpleCNN(num_classes=2), data, cfg, CPU_FP32, seed=0)
@@ -84,8 +84,8 @@ def test_nan_loss_stops_with_the_epoch():
 
 def test_augmentation_touches_training_batches_only(monkeypatch):
     """fit() augments every training image once per epoch and never a validation image."""
-    import stages.training as training
-    from stages.models import SimpleCNN
+    import imgcls.training as training
+    from imgcls.models import SimpleCNN
 
     seen = []
 

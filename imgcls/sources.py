@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from stages import paths
-from stages.errors import PipelineError
-from stages.files import load_npz, local_copy, save_npz
+from imgcls import paths
+from imgcls.errors import PipelineError
+from imgcls.files import load_npz, local_copy, save_npz
 
 SPLITS = ("train", "validation")
 VALIDATION_NAMES = ("validation", "val", "test")  # accepted folder names, in order of preference

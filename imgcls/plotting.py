@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from stages.files import atomic_path  # noqa: E402
+from imgcls.files import atomic_path  # noqa: E402
 
 
 def _save(fig, target: Path) -> None:

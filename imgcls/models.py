@@ -10,7 +10,7 @@ import urllib.error
 import torch
 from torch import nn
 
-from stages.errors import PipelineError
+from imgcls.errors import PipelineError
 
 
 class SimpleCNN(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stages.errors import PipelineError
+from imgcls.errors import PipelineError
 
 FETCH_ATTEMPTS = 3
 RETRY_SECONDS = 2.0  # wait before the 2nd attempt; doubled for each later one

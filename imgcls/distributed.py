@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from stages.errors import PipelineError
+from imgcls.errors import PipelineError
 
 # A collective (the gradient all-reduce, the metric sums) that waits longer than this raises
 # instead of hanging, e.g. when a peer machine vanished without torchrun noticing.

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages import distributed
-from stages.errors import PipelineError
+from imgcls import distributed
+from imgcls.errors import PipelineError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Write the per-file sha256 manifest of an ImageFolder dataset (for `data.<study>.manifest`).
 
-    python -m stages.manifest ../shared/datasets/alien-vs-predator.zip manifests/avp.sha256 [SUBDIR]
+    python -m tools.manifest ../shared/datasets/alien-vs-predator.zip manifests/avp.sha256 [SUBDIR]
 
 Reads the dataset exactly as the download stage does (directory, zip, tar or URL), so the
 manifest lists the files the pipeline uses, by path from the split root, in `sha256sum`
@@ -9,9 +9,9 @@ format (`cd <split root> && sha256sum -c <manifest>` checks an extracted copy).
 import sys
 from pathlib import Path
 
-from stages.errors import stage_main
-from stages.files import local_copy, save_text
-from stages.sources import from_imagefolder, manifest_lines
+from imgcls.errors import stage_main
+from imgcls.files import local_copy, save_text
+from imgcls.sources import from_imagefolder, manifest_lines
 
 
 @stage_main

@@ -1,0 +1,1 @@
+"""Command-line tools for maintainers, outside the pipeline (python -m tools.<tool>)."""
