@@ -1,9 +1,12 @@
 """File plumbing shared by the stages: fetching, checksums, atomic writes."""
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from imgcls import paths
 from imgcls.errors import PipelineError
 
 FETCH_ATTEMPTS = 3
@@ -32,6 +36,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def find_copy(checksum: str) -> Path | None:
+    """The file with this sha256 in the local copies folder ($IMGCLS_DATASETS), if any.
+
+    The folder is a per-machine setting (an environment variable, never in tracked files), so
+    every clone and every `dvc exp run --temp/--queue` copy of the repository finds the same
+    bytes under the same params, wherever the folder lies.
+    """
+    folder = os.environ.get(paths.COPIES_ENV)
+    if not folder:
+        return None
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise PipelineError(f"{paths.COPIES_ENV}={folder}: not a directory")
+    for candidate in sorted(root.iterdir()):
+        if candidate.is_file() and sha256(candidate) == checksum.lower():
+            return candidate
+    return None
+
+
 def _download(url: str, target: Path) -> None:
     """Stream url into target; raise on a short read so a cut transfer never passes as whole."""
     with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
@@ -48,14 +71,35 @@ def _download(url: str, target: Path) -> None:
 
 
 @contextlib.contextmanager
+def fetch_dir(what: str):
+    """A temporary folder for a download, under data/ (`.fetch-<what>-*`), removed afterwards.
+
+    A run killed mid-download cannot remove its folder: the next run for the same `what`
+    removes such leftovers first, unless a live process still holds the folder's lock."""
+    paths.DATA.mkdir(parents=True, exist_ok=True)
+    prefix = ".fetch-" + re.sub(r"[^A-Za-z0-9_.-]", "_", what) + "-"
+    for leftover in paths.DATA.iterdir():
+        if not (leftover.name.startswith(prefix) and leftover.is_dir() and not leftover.is_symlink()):
+            continue
+        lock = leftover / ".lock"
+        just_made = not lock.exists() and time.time() - leftover.stat().st_mtime < 60  # its lock may be on the way
+        if not just_made and not _locked(lock):
+            shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=paths.DATA) as tmp:
+        with open(Path(tmp) / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield tmp
+
+
+@contextlib.contextmanager
 def local_copy(location: str, expected_sha256: str | None, what: str):
     """Yield a local path for `location` (a path or an http(s) URL), checksum verified.
 
-    URLs are fetched into a temporary file (retried with back-off on network errors and
-    cut transfers, not on 4xx answers) that is removed afterwards, so an interrupted
-    download never leaves anything behind.
+    URLs are fetched into a temporary folder under data/ (retried with back-off on network
+    errors and cut transfers, not on 4xx answers) that is removed afterwards, or by the next
+    download if this one is killed (fetch_dir).
     """
-    with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+    with fetch_dir(what) if is_url(location) else contextlib.nullcontext() as tmp:
         if is_url(location):
             path = Path(tmp) / (Path(location.split("?")[0]).name or "download")
             for attempt in range(1, FETCH_ATTEMPTS + 1):
@@ -90,17 +134,43 @@ def local_copy(location: str, expected_sha256: str | None, what: str):
 
 @contextlib.contextmanager
 def atomic_path(target: Path):
-    """Yield a temporary path beside `target`; move it into place only if the block succeeds."""
+    """Yield a temporary path beside `target`; move it into place only if the block succeeds.
+
+    A writer killed mid-write (SIGKILL, power) leaves its temporary file behind: the ones of
+    this target, named as below, are removed first, unless a live writer still holds the lock
+    it takes on its own temporary file (released by the kernel when a process dies)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
-    os.close(fd)
+    suffix = target.suffix or ".tmp"
+    stale = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix))  # mkstemp's names
+    for leftover in target.parent.iterdir():
+        if stale.fullmatch(leftover.name) and leftover.is_file() and not leftover.is_symlink() \
+                and not _locked(leftover):
+            leftover.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     tmp_path = Path(tmp)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
+        os.close(fd)
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds the lock on `path` (a temporary file or folder's lock file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def save_npz(target: Path, **arrays) -> None:

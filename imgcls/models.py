@@ -6,11 +6,13 @@ A model whose weights expect a fixed input normalisation declares it as ``input_
 (mean, std per channel); the others are fed the training split's own statistics."""
 import itertools
 import urllib.error
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from imgcls.errors import PipelineError
+from imgcls.files import sha256
 
 
 class SimpleCNN(nn.Module):
@@ -117,7 +119,8 @@ class Backbone(nn.Module):
     """An ImageNet architecture (classifier removed) + dropout + a new linear head.
 
     `features` are the pooled pre-logit activations; `head` is the one linear layer the
-    linear_svm method overwrites with the SVM.  Global pooling: any input size >= 32 works.
+    linear_svm method overwrites with the SVM.  Global pooling: any input size >= 32 works
+    (build refuses smaller ones).
     """
 
     def __init__(self, body: nn.Module, n_features: int, num_classes: int, drop_rate: float, input_stats):
@@ -146,6 +149,33 @@ def efficientnet_lite0(in_channels: int = 3, num_classes: int = 2, image_size: i
     return Backbone(body, body.num_features, num_classes, drop_rate, ((0.5,) * 3, (0.5,) * 3) if pretrained else None)
 
 
+def hub_state_dict(weights) -> dict:
+    """A torchvision weights enum's state dict through torch's hub cache, with no pickle and a checked hash.
+
+    The file name carries the first hex digits of its sha256 (resnet18-f37072fd.pth).  torch's
+    check_hash checks a download only, so a file already in the cache is checked here first:
+    anything could have been put there."""
+    import re
+    import urllib.parse
+
+    name = Path(urllib.parse.urlparse(weights.url).path).name
+    prefix = re.search(r"-([a-f0-9]{6,})\.", name)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if prefix is None:
+        raise PipelineError(f"{weights}: {name} carries no hash in its name; cannot verify it")
+    if cached.is_file() and not sha256(cached).startswith(prefix.group(1)):
+        raise PipelineError(f"{cached}: sha256 does not start with {prefix.group(1)}, the hash in its name "
+                            "(corrupt or replaced); delete it to download it again")
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True, map_location="cpu")
+    except (urllib.error.URLError, OSError):
+        raise
+    except Exception as err:  # a pickle of more than tensors, a truncated file, a download with the wrong hash
+        detail = str(err).split("\n")[0][:200]
+        raise PipelineError(f"{cached}: not the {weights} weights ({type(err).__name__}: {detail}); "
+                            "delete it to download it again") from None
+
+
 def resnet18(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
              drop_rate: float = 0.2, load_weights: bool = True) -> Backbone:
     """torchvision's ResNet-18; IMAGENET1K_V1 weights come from torch's download cache or the network."""
@@ -159,7 +189,7 @@ def resnet18(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, 
         body.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     if pretrained and load_weights:
         try:
-            body.load_state_dict(ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False), strict=True)
+            body.load_state_dict(hub_state_dict(ResNet18_Weights.IMAGENET1K_V1), strict=True)
         except (urllib.error.URLError, OSError) as err:
             raise PipelineError(f"resnet18: cannot download the IMAGENET1K_V1 weights ({getattr(err, 'reason', err)}); "
                                 "offline, use model name efficientnet_lite0 or pretrained: false") from None
@@ -168,7 +198,51 @@ def resnet18(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, 
     return Backbone(body, n_features, num_classes, drop_rate, IMAGENET_STATS if pretrained else None)
 
 
-MODELS = {"simple_cnn": SimpleCNN, "alexnet": AlexNet, "efficientnet_lite0": efficientnet_lite0, "resnet18": resnet18}
+def timm_backbone(in_channels: int = 3, num_classes: int = 2, image_size: int = 224, arch: str = "resnet18",
+                  pretrained: bool = False, drop_rate: float = 0.2, weights: str | None = None,
+                  weights_sha256: str | None = None, load_weights: bool = True) -> Backbone:
+    """Any architecture timm knows, by name; pretrained weights only from a local file whose sha256
+    the params pin (never a hub download: offline machines, and no unchecked pickle)."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise PipelineError(f"timm: unknown architecture {arch!r} (list them with timm.list_models('*{arch[:6]}*'))")
+    body = timm.create_model(arch, pretrained=False, in_chans=in_channels, num_classes=0)
+    config = body.pretrained_cfg or {}
+    if pretrained and load_weights:
+        missing, unexpected = body.load_state_dict(timm_weights(arch, weights, weights_sha256), strict=False)
+        head = str(config.get("classifier", "classifier"))
+        if missing or any(not key.startswith(head) for key in unexpected):
+            raise PipelineError(f"timm {arch}: {weights} does not hold {arch}'s weights "
+                                f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    stats = (tuple(config["mean"]), tuple(config["std"])) if pretrained and "mean" in config else None
+    return Backbone(body, body.num_features, num_classes, drop_rate, stats)
+
+
+def timm_weights(arch: str, location: str, checksum: str) -> dict:
+    """A state dict from a local .safetensors or .pth file, checksum verified, without pickle."""
+    path = Path(location)
+    if not path.is_file():
+        raise PipelineError(f"timm {arch}: weights file {location} not found")
+    if sha256(path) != checksum.lower():
+        raise PipelineError(f"timm {arch}: {location} does not match its weights_sha256")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file or a pickle of more than tensors
+        raise PipelineError(f"timm {arch}: {location} is not a weights file ({type(err).__name__})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+MODELS = {"simple_cnn": SimpleCNN, "alexnet": AlexNet, "efficientnet_lite0": efficientnet_lite0, "resnet18": resnet18,
+          "timm": timm_backbone}
+# Smallest square input each network takes: SimpleCNN pools once, AlexNet's stride and pools
+# divide by 16; the backbones pool globally (see Backbone).
+MIN_IMAGE_SIZE = {"simple_cnn": 2, "alexnet": 16, "efficientnet_lite0": 32, "resnet18": 32, "timm": 32}
 
 
 def build(model_params, in_channels: int, num_classes: int, image_size: int, load_weights: bool = True) -> nn.Module:
@@ -176,6 +250,11 @@ def build(model_params, in_channels: int, num_classes: int, image_size: int, loa
 
     load_weights=False skips fetching pretrained weights (a checkpoint will overwrite them)
     but keeps what they imply, such as the input normalisation."""
+    smallest = MIN_IMAGE_SIZE.get(model_params.name, 1)
+    if image_size < smallest:
+        raise PipelineError(f"{model_params.name} needs images of at least {smallest}x{smallest} pixels, the input is "
+                            f"{image_size} pixels high; set data.<study>.image_size or train.<run>.input_size "
+                            f"to {smallest} or more")
     kwargs = model_params.model_dump(exclude={"name"})
     if hasattr(model_params, "pretrained"):
         kwargs["load_weights"] = load_weights

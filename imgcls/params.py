@@ -8,13 +8,30 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from imgcls import paths
 from imgcls.errors import PipelineError
 
+
+
+def _not_bool(value):
+    """YAML's `true` would pass as the integer 1 (`epochs: true`): integers must be written as numbers."""
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a valid integer, not a boolean ({str(value).lower()})")
+    return value
+
+
+def _on_off(value):
+    """YAML 1.1 reads a bare `on`/`off` as true/false (and DVC's `-S key=off` writes it bare)."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+Int = Annotated[int, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=2**32 - 1)]  # numpy's and sklearn's seed range
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 class Strict(BaseModel):
@@ -27,20 +44,22 @@ class DataParams(Strict):
     source: Literal["torchvision", "npz", "imagefolder"]
     dataset: Optional[Literal["MNIST", "CIFAR10"]] = None  # torchvision class, for source torchvision
     path: Optional[str] = None  # local path or http(s) URL, for npz / imagefolder
-    sha256: Optional[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = None
+    sha256: Optional[Sha256] = None  # checksum of the file at `path`
+    copy_sha256: Optional[Sha256] = None  # identity of a local copy that stands in for the source (README)
     subdir: Optional[str] = None  # folder inside an archive/dir holding train/ and validation/
     classes: Optional[list[str]] = None  # names of label 0..K-1 for array sources
-    channels: Literal[1, 3] = 3
+    channels: Annotated[Literal[1, 3], BeforeValidator(_not_bool)] = 3
     image_size: Optional[PositiveInt] = None  # null: keep native size (must be uniform)
     limit: Optional[PositiveInt] = None  # stratified cap on images per split; null = all
+    max_bytes: PositiveInt = 4 << 30  # cap on the decompressed source files, and on each split's decoded images
     manifest: Optional[str] = None  # per-file sha256 list (sha256sum format, paths from the split root)
 
     @model_validator(mode="after")
     def _source_needs(self):
         if self.source == "torchvision" and self.dataset is None:
             raise ValueError("source torchvision needs `dataset` (MNIST or CIFAR10)")
-        if self.source in ("npz", "imagefolder") and not self.path:
-            raise ValueError(f"source {self.source} needs `path` (a local path or http(s) URL)")
+        if self.source in ("npz", "imagefolder") and not (self.path or self.copy_sha256):
+            raise ValueError(f"source {self.source} needs `path` (a local path or http(s) URL) or `copy_sha256`")
         if self.manifest and self.source != "imagefolder":
             raise ValueError("`manifest` lists image files, so it needs source imagefolder")
         return self
@@ -72,14 +91,30 @@ class ResNet18Params(BackboneParams):
     name: Literal["resnet18"]
 
 
-ModelParams = Annotated[Union[SimpleCNNParams, AlexNetParams, EfficientNetLite0Params, ResNet18Params],
+class TimmParams(BackboneParams):
+    """Any timm architecture by name; pretrained weights come from a local file pinned by sha256."""
+
+    name: Literal["timm"]
+    arch: str
+    pretrained: bool = False
+    weights: Optional[str] = None  # .safetensors or .pth, e.g. under sources/
+    weights_sha256: Optional[Sha256] = None
+
+    @model_validator(mode="after")
+    def _weights_pinned(self):
+        if self.pretrained and not (self.weights and self.weights_sha256):
+            raise ValueError("pretrained timm weights load only from a local file: set `weights` and `weights_sha256`")
+        return self
+
+
+ModelParams = Annotated[Union[SimpleCNNParams, AlexNetParams, EfficientNetLite0Params, ResNet18Params, TimmParams],
                         Field(discriminator="name")]
 
 
 class AugmentParams(Strict):
     """Per-batch augmentation on uint8 tensors (training batches only)."""
 
-    crop_padding: Annotated[int, Field(ge=0)] = 0  # random crop of the original size after zero padding
+    crop_padding: Annotated[Int, Field(ge=0)] = 0  # random crop of the original size after zero padding
     flip: bool = False  # random horizontal flip
     resized_crop_scale: Optional[tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]]] = None
     # ^ random resized crop: area fraction range, e.g. [0.25, 1.0] (aspect 3/4..4/3); null = off
@@ -112,10 +147,10 @@ class TrainParams(Strict):
     input_size: Optional[PositiveInt] = None  # resize batches on the device to this square size; null = as prepared
     method: Literal["gradient", "linear_svm"] = "gradient"  # linear_svm: frozen features + LinearSVC as the head
     svm_c: Annotated[float, Field(gt=0)] = 1.0  # linear_svm: the SVM's C
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    seed: Optional[int] = None  # overrides the global `seed`: runs differing only by it form the report's seed table
+    channels_last: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = "auto"
+    seed: Optional[Seed] = None  # overrides the global `seed`: runs differing only by it form the report's seed table
     deterministic: bool = False  # deterministic kernels only (CUDA: slower; see docs/team.md)
     nproc: PositiveInt = 1  # > 1: data-parallel under torchrun, one process per GPU (docs/distributed.md)
     nnodes: PositiveInt = 1  # machines running this stage together (the same command on each)
@@ -148,8 +183,8 @@ class EmbedParams(Strict):
 
 class TsneParams(Strict):
     perplexity: Annotated[float, Field(gt=0)] = 30.0
-    seed: int = 0
-    max_points: Annotated[int, Field(ge=10)] = 10000  # stratified cap on projected points
+    seed: Seed = 0
+    max_points: Annotated[Int, Field(ge=10)] = 10000  # stratified cap on projected points
     pca_dims: PositiveInt = 50  # PCA before t-SNE, the usual speed-up on wide features
 
     @model_validator(mode="after")
@@ -162,30 +197,26 @@ class TsneParams(Strict):
 
 
 class Reference(Strict):
-    """The seed report's figures for a run, printed next to ours in the report."""
+    """The reference report's figures for a run (reference.yaml), printed next to ours in the report."""
 
     best_val_acc: Annotated[float, Field(ge=0, le=1)]
     best_epoch: Optional[PositiveInt] = None
-    errors: Optional[int] = None
+    errors: Optional[Annotated[Int, Field(ge=0)]] = None
     note: str = ""
 
 
 class Params(Strict):
-    seed: int = 0
+    seed: Seed = 0
     data: dict[str, DataParams]
     train: dict[str, TrainParams]
     embed: EmbedParams = EmbedParams()
     tsne: TsneParams = TsneParams()
-    reference: dict[str, Reference] = {}
 
     @model_validator(mode="after")
     def _cross_references(self):
         for run, cfg in self.train.items():
             if cfg.data not in self.data:
                 raise ValueError(f"train.{run}.data: unknown study {cfg.data!r} (known: {', '.join(self.data)})")
-        for run in self.reference:
-            if run not in self.train:
-                raise ValueError(f"reference.{run}: no such run in `train`")
         return self
 
 
@@ -206,6 +237,19 @@ def load(path: Path = paths.PARAMS) -> Params:
         raise PipelineError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
     try:
         return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise PipelineError(_format(err, path)) from None
+
+
+def load_reference(path: Path = paths.REFERENCE) -> dict[str, Reference]:
+    """reference.yaml, validated like params; runs it names that `train` lacks are simply not shown."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return TypeAdapter(dict[str, Reference]).validate_python(raw)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: reference file not found") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
     except ValidationError as err:
         raise PipelineError(_format(err, path)) from None
 

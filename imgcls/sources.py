@@ -16,7 +16,6 @@ import re
 import stat
 import sys
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -27,12 +26,14 @@ from tqdm import tqdm
 
 from imgcls import paths
 from imgcls.errors import PipelineError
-from imgcls.files import load_npz, local_copy, save_npz
+from imgcls.files import fetch_dir, find_copy, is_url, load_npz, local_copy, save_npz
 
 SPLITS = ("train", "validation")
 VALIDATION_NAMES = ("validation", "val", "test")  # accepted folder names, in order of preference
 SKIPPED_NAMES = ("__MACOSX", "Thumbs.db")
 MAX_MEMBER_BYTES = 1 << 30  # no image file is this large: a bigger member is a decompression bomb
+MAX_TOTAL_BYTES = 4 << 30  # default of data.<study>.max_bytes: all of a source's files (or arrays), decompressed
+MAX_CLASSES = 100_000  # labels implying more classes than this (or than images) are not class indices
 
 
 @dataclass
@@ -71,12 +72,18 @@ def _labels(labels, count: int, n_classes: int | None, where: str) -> np.ndarray
         raise PipelineError(f"{where}: labels must be {count} integers, got {labels.dtype} {list(labels.shape)}")
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)):
-        raise PipelineError(f"{where}: labels must lie in 0..{(n_classes or 1) - 1}, got {labels.min()}..{labels.max()}")
+        allowed = f"lie in 0..{n_classes - 1}" if n_classes is not None else "be class indices 0, 1, 2, …"
+        raise PipelineError(f"{where}: labels must {allowed}, got {labels.min()}..{labels.max()}")
     return labels
 
 
 def _class_names(configured: list[str] | None, splits: dict[str, Split], study: str) -> list[str]:
     n_classes = int(max(split.labels.max(initial=-1) for split in splits.values())) + 1
+    n_images = sum(len(split) for split in splits.values())
+    if configured is None and n_classes > min(MAX_CLASSES, n_images):
+        raise PipelineError(f"data.{study}: the labels reach {n_classes - 1:,}, which would make {n_classes:,} classes "
+                            f"for {n_images:,} images (at most {MAX_CLASSES:,}); labels must be class indices "
+                            f"0..K-1 (name them in data.{study}.classes)")
     if configured is None:
         return [str(i) for i in range(n_classes)]
     if n_classes > len(configured):
@@ -84,8 +91,19 @@ def _class_names(configured: list[str] | None, splits: dict[str, Split], study: 
     return list(configured)
 
 
-def from_npz(path: Path, study: str, classes: list[str] | None) -> RawDataset:
+def _npz_size(path: Path) -> int:
+    """Decompressed size an npz declares for its arrays (its zip directory), before any is loaded."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return 0  # load_npz says what is wrong with it
+
+
+def from_npz(path: Path, study: str, classes: list[str] | None, max_bytes: int = MAX_TOTAL_BYTES,
+             shown: str | None = None) -> RawDataset:
     """Keras layout: x_train, y_train, x_test, y_test (the test split is the validation set)."""
+    _Budget(shown or str(path), max_bytes, f"data.{study}.max_bytes").declare(_npz_size(path))
     arrays = load_npz(path, f"data.{study}.path")
     splits = {}
     for split, suffix in (("train", "train"), ("validation", "test")):
@@ -98,19 +116,20 @@ def from_npz(path: Path, study: str, classes: list[str] | None) -> RawDataset:
     return RawDataset(classes=_class_names(classes, splits, study), splits=splits)
 
 
-def from_torchvision(dataset: str, study: str, classes: list[str] | None) -> RawDataset:
+def from_torchvision(dataset: str, study: str, classes: list[str] | None, copy_sha256: str | None = None) -> RawDataset:
     """torchvision's own download with its md5 checks, into a temporary folder."""
     from torchvision import datasets  # heavy import, only for this source
 
     splits = {}
-    with tempfile.TemporaryDirectory(prefix=f"torchvision-{study}-") as root:
+    with fetch_dir(f"torchvision-{study}") as root:  # under data/: a killed run's leftovers go next time
         for split, is_train in (("train", True), ("validation", False)):
             try:
                 ds = getattr(datasets, dataset)(root=root, train=is_train, download=True)
             except (RuntimeError, OSError) as err:
+                wanted = f"the file with copy_sha256 {copy_sha256[:12]}…" if copy_sha256 else "a local copy"
                 raise PipelineError(
-                    f"data.{study}: torchvision {dataset} download failed ({err}); offline, set "
-                    f"data.{study}.source to npz or imagefolder with a local path"
+                    f"data.{study}: torchvision {dataset} download failed ({str(err).splitlines()[0]}); offline, "
+                    f"put {wanted} in the folder that {paths.COPIES_ENV} names"
                 ) from None
             images = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
             images = _as_nhwc(images, f"torchvision {dataset}")
@@ -120,7 +139,32 @@ def from_torchvision(dataset: str, study: str, classes: list[str] | None) -> Raw
 
 
 # ---------------------------------------------------------------- ImageFolder sources
-def _checked_member(name: str, archive: Path, size: int = 0) -> PurePosixPath:
+class _Budget:
+    """Decompressed bytes of one source against `data.<study>.max_bytes`.
+
+    Declared sizes (zip directory, tar headers, file sizes) are checked before anything is
+    read, and the bytes actually read are counted too, because headers can lie."""
+
+    def __init__(self, shown: str, limit: int, key: str):
+        self.shown, self.limit, self.key, self.used = shown, limit, key, 0
+
+    def declare(self, total: int) -> None:
+        if total > self.limit:
+            raise PipelineError(f"{self.shown}: the files add up to more than {self.limit:,} bytes decompressed "
+                                f"({total:,} or more; a decompression bomb?); if the data really is this large, "
+                                f"raise {self.key}")
+
+    def read(self, fh, name: str) -> bytes:
+        allowed = min(MAX_MEMBER_BYTES, self.limit - self.used)
+        data = fh.read(allowed + 1)
+        if len(data) > MAX_MEMBER_BYTES:
+            _checked_member(name, self.shown, len(data))
+        self.declare(self.used + len(data))
+        self.used += len(data)
+        return data
+
+
+def _checked_member(name: str, archive, size: int = 0) -> PurePosixPath:
     if size > MAX_MEMBER_BYTES:
         raise PipelineError(f"{archive}: refusing member {name!r}: {size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte "
                             "limit for one image file (a decompression bomb?)")
@@ -134,37 +178,62 @@ def _skipped(member: PurePosixPath) -> bool:
     return any(part.startswith(".") or part in SKIPPED_NAMES for part in member.parts)
 
 
-def _iter_zip(path: Path):
+def _iter_zip(path: Path, shown: str, budget: _Budget):
     with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            member = _checked_member(info.filename, path, info.file_size)
+        infos = archive.infolist()
+        budget.declare(sum(info.file_size for info in infos))  # the central directory, before any member is read
+        for info in infos:
+            member = _checked_member(info.filename, shown, info.file_size)
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise PipelineError(f"{path}: refusing symbolic link member {info.filename!r}")
+                raise PipelineError(f"{shown}: refusing symbolic link member {info.filename!r}")
+            if _skipped(member):  # hidden files and folders (.DS_Store, .ipynb_checkpoints/), __MACOSX
+                continue
             if info.is_dir():
                 yield member, None
-            elif not _skipped(member):
-                yield member, archive.read(info)
+            else:
+                with archive.open(info) as fh:
+                    yield member, budget.read(fh, info.filename)
 
 
-def _iter_tar(path: Path):
-    with tarfile.open(path, "r:*") as archive:
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Notes on the archive when its end-of-archive marker (a zero block) is read: tarfile itself
+    ends just as quietly when the file stops at a member boundary (a cut download)."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.end_marker_seen = True
+            raise
+
+
+def _iter_tar(path: Path, shown: str, budget: _Budget):
+    with tarfile.open(path, "r:*", tarinfo=_EndMarkedTarInfo) as archive:
+        archive.end_marker_seen = False
         for info in archive:
-            member = _checked_member(info.name, path, info.size)
+            member = _checked_member(info.name, shown, info.size)
             if info.issym() or info.islnk():
-                raise PipelineError(f"{path}: refusing link member {info.name!r}")
+                raise PipelineError(f"{shown}: refusing link member {info.name!r}")
             if info.isdir():
-                yield member, None
+                if not _skipped(member):
+                    yield member, None
             elif not info.isfile():
-                raise PipelineError(f"{path}: refusing special member {info.name!r} (device or fifo)")
+                raise PipelineError(f"{shown}: refusing special member {info.name!r} (device or fifo)")
             elif not _skipped(member):
-                yield member, archive.extractfile(info).read()
+                budget.declare(budget.used + info.size)
+                yield member, budget.read(archive.extractfile(info), info.name)
+        if not archive.end_marker_seen:
+            raise EOFError("no end-of-archive marker: the file stops before the archive does")
+        while archive.fileobj.read(1 << 20):  # to the end: a compressed stream checks its own end there
+            pass
 
 
-def _iter_dir(path: Path):
+def _iter_dir(path: Path, shown: str, budget: _Budget):
     root = path.resolve()
     for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(dirs):
+        dirs[:] = sorted(name for name in dirs if not _skipped(PurePosixPath(name)))  # hidden folders are not walked
+        for name in dirs:
             if Path(folder, name).is_symlink():
                 raise PipelineError(f"{Path(folder, name)}: refusing symbolic link to a folder (copy the folder instead)")
             yield PurePosixPath(Path(folder, name).relative_to(path).as_posix()), None
@@ -172,26 +241,46 @@ def _iter_dir(path: Path):
             full = Path(folder, name)
             if full.is_symlink() and not full.resolve().is_relative_to(root):
                 raise PipelineError(f"{full}: refusing symbolic link that points outside {path}")
-            member = _checked_member(full.relative_to(path).as_posix(), path, full.stat().st_size)
-            if not _skipped(member):
-                yield member, full.read_bytes()
+            member = PurePosixPath(full.relative_to(path).as_posix())
+            if _skipped(member):
+                continue
+            info = full.stat()
+            if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait forever; a device never ends
+                raise PipelineError(f"{full}: refusing special file (a FIFO, socket or device, not an image file)")
+            _checked_member(member.as_posix(), shown, info.st_size)
+            budget.declare(budget.used + info.st_size)
+            with open(full, "rb") as fh:
+                yield member, budget.read(fh, member.as_posix())
 
 
-def _entries(path: Path) -> dict[PurePosixPath, bytes | None]:
-    """All members of a directory or archive: file path -> bytes, directory path -> None."""
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip whose end (the central directory) is cut is still a zip
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: a compressed tar
+
+
+def _entries(path: Path, shown: str | None = None, max_bytes: int = MAX_TOTAL_BYTES,
+             key: str = "data.<study>.max_bytes") -> dict[PurePosixPath, bytes | None]:
+    """All members of a directory or archive: file path -> bytes, directory path -> None.
+
+    `shown` names the source in messages (the URL, not the temporary file it was fetched to)."""
+    shown = shown or str(path)
+    budget = _Budget(shown, max_bytes, key)
     kind = "folder" if path.is_dir() else "or truncated archive"
     try:
         if path.is_dir():
-            reader = _iter_dir(path)
-        elif zipfile.is_zipfile(path):
-            reader = _iter_zip(path)
-        elif tarfile.is_tarfile(path):
-            reader = _iter_tar(path)
+            reader = _iter_dir(path, shown, budget)
         else:
-            raise PipelineError(f"{path}: not a directory, zip or tar archive")
-        return dict(tqdm(reader, desc=f"read {path.name}", unit=" files", leave=False))
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+            if zipfile.is_zipfile(path) or head.startswith(ZIP_MAGIC):
+                reader = _iter_zip(path, shown, budget)
+            elif tarfile.is_tarfile(path) or head.startswith(COMPRESSED_MAGIC):
+                reader = _iter_tar(path, shown, budget)
+            else:
+                looks = " (it looks like an HTML page)" if head.lstrip().startswith(b"<") else ""
+                raise PipelineError(f"{shown}: not a directory, zip or tar archive{looks}")
+        return dict(tqdm(reader, desc=f"read {Path(shown).name}", unit=" files", leave=False))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise PipelineError(f"{path}: unreadable {kind} ({type(err).__name__}: {err})") from None
+        raise PipelineError(f"{shown}: unreadable {kind} ({type(err).__name__}: {err})") from None
 
 
 def _split_root(entries, subdir: str | None, path: Path) -> PurePosixPath:
@@ -211,9 +300,14 @@ def _split_root(entries, subdir: str | None, path: Path) -> PurePosixPath:
     return PurePosixPath(candidates[0])
 
 
-def from_imagefolder(path: Path, subdir: str | None) -> RawDataset:
-    """`train/<class>/*` and `validation/` (or `val/`, `test/`) `<class>/*` in a dir or archive."""
-    entries = _entries(path)
+def from_imagefolder(source: Path, subdir: str | None, shown: str | None = None, max_bytes: int = MAX_TOTAL_BYTES,
+                     study: str = "<study>") -> RawDataset:
+    """`train/<class>/*` and `validation/` (or `val/`, `test/`) `<class>/*` in a dir or archive.
+
+    `shown` names the source in messages (a URL rather than the temporary file fetched from it);
+    `max_bytes` caps the decompressed size of all its files (data.<study>.max_bytes)."""
+    entries = _entries(source, shown, max_bytes, f"data.{study}.max_bytes")
+    path = shown or str(source)
     root = _split_root(entries, subdir, path)
     depth = len(root.parts)
     by_split: dict[str, dict[str, list]] = {}
@@ -252,6 +346,19 @@ def from_imagefolder(path: Path, subdir: str | None) -> RawDataset:
     if stray:
         print(f"warning: {path}: ignored {len(stray)} file(s) outside the class folders: {stray[:5]}", file=sys.stderr)
     return RawDataset(classes=classes, splits=splits)
+
+
+def check_dataset(dataset: RawDataset, study: str) -> None:
+    """What training needs of any source: both splits non-empty and at least two classes in each."""
+    if len(dataset.classes) < 2:
+        raise PipelineError(f"data.{study}: one class ({dataset.classes}); a classifier needs at least two")
+    for name, split in dataset.splits.items():
+        if len(split) == 0:
+            raise PipelineError(f"data.{study}: the {name} split is empty; training and validation both need images")
+        present = np.unique(split.labels)
+        if len(present) < 2:
+            raise PipelineError(f"data.{study}: every {name} image has the same label ({dataset.classes[present[0]]!r}); "
+                                f"a classifier needs at least two classes")
 
 
 # ---------------------------------------------------------------- per-file manifest
@@ -293,18 +400,41 @@ def verify_manifest(dataset: RawDataset, manifest: Path, what: str) -> None:
 
 # ---------------------------------------------------------------- canonical raw form
 def read_source(study: str, cfg) -> RawDataset:
-    """Fetch and validate a study's data as configured by `data.<study>` in params.yaml."""
-    if cfg.source == "torchvision":
-        return from_torchvision(cfg.dataset, study, cfg.classes)
-    with local_copy(cfg.path, cfg.sha256, f"data.{study}.path") as path:
-        if cfg.source == "npz":
-            return from_npz(path, study, cfg.classes)
-        dataset = from_imagefolder(path, cfg.subdir)
+    """Fetch and validate a study's data as configured by `data.<study>` in params.yaml.
+
+    A local copy named by `copy_sha256` and present in the local copies folder is read in place
+    of the source: an npz (Keras layout) for array sources, an ImageFolder archive otherwise.
+    """
+    copy = find_copy(cfg.copy_sha256) if cfg.copy_sha256 else None
+    if copy is None and cfg.source == "torchvision":
+        return from_torchvision(cfg.dataset, study, cfg.classes, cfg.copy_sha256)
+    if copy is None and not cfg.path:
+        raise PipelineError(f"data.{study}: no file with copy_sha256 {cfg.copy_sha256[:12]}… in the local copies "
+                            f"folder ({paths.COPIES_ENV}={os.environ.get(paths.COPIES_ENV) or 'unset'}) and no `path`")
+    location, checksum, subdir = (str(copy), None, None) if copy else (cfg.path, cfg.sha256, cfg.subdir)
+    if copy is None:
+        warn_if_untracked(study, cfg)
+    with local_copy(location, checksum, f"data.{study}.path") as path:
+        if cfg.source in ("npz", "torchvision"):
+            return from_npz(path, study, cfg.classes, cfg.max_bytes, location)
+        dataset = from_imagefolder(path, subdir, location, cfg.max_bytes, study)
     if cfg.manifest:
         verify_manifest(dataset, paths.manifest(cfg.manifest), f"data.{study}.manifest")
     if cfg.classes is not None and cfg.classes != dataset.classes:
         raise PipelineError(f"data.{study}.classes {cfg.classes} differ from the class folders {dataset.classes}")
     return dataset
+
+
+def warn_if_untracked(study: str, cfg) -> None:
+    """DVC tracks the bytes of local sources under sources/ only (a dependency of every download);
+    elsewhere a checksum or manifest must pin them, or changed data would go unnoticed."""
+    if is_url(cfg.path) or cfg.sha256 or cfg.manifest:
+        return
+    location = (paths.ROOT / Path(cfg.path).expanduser()).resolve()
+    if not location.is_relative_to(paths.SOURCES.resolve()):
+        print(f"warning: data.{study}.path {cfg.path} lies outside sources/ and has no sha256: DVC will not "
+              f"notice if its bytes change (move or link it under sources/, or set data.{study}.sha256)",
+              file=sys.stderr)
 
 
 def save_raw(dataset: RawDataset, target: Path) -> None:
@@ -344,5 +474,9 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.nd
     n_classes = len(np.unique(labels))
     if limit < n_classes:
         raise PipelineError(f"data limit {limit} is smaller than the number of classes ({n_classes})")
-    chosen, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels, random_state=seed)
+    try:
+        chosen, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels, random_state=seed)
+    except ValueError as err:  # a class with one image, or too few left over to stratify
+        raise PipelineError(f"data limit {limit}: no stratified subset of {len(labels)} images in {n_classes} classes "
+                            f"({err}); raise the limit or set it to null") from None
     return np.sort(chosen)

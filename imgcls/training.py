@@ -42,7 +42,7 @@ class Runtime:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 autocast was measured ~1.5x faster than fp32."""
+    """AVX-512 BF16 or AMX; elsewhere (AVX2-only CPUs) bf16 is emulated, hundreds of times slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -50,17 +50,38 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def fastest_settings(device_type: str, native_bf16: bool, precision: str = "auto",
+                     channels_last: str = "auto") -> tuple[bool, bool]:
+    """(bf16, channels_last) for training: the one place where `auto` is decided (docs/measurements.md).
+
+    - bf16 autocast only where bf16 is native: Ampere+ GPUs, CPUs with AVX-512 BF16 or AMX.
+    - channels_last with bf16 (tensor cores, oneDNN's blocked kernels) and on every CPU, where
+      oneDNN's fp32 convolutions are faster in that layout too; off on MPS (untested here).
+    """
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16 and device_type != "mps")
+    layout = channels_last == "on" or (channels_last == "auto" and (bf16 or device_type == "cpu"))
+    return bf16, layout
+
+
+def pick_device(device: str) -> torch.device:
+    """auto: CUDA first, then Apple's MPS, then the CPU."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if device != "auto":
+        if not available[device]:
+            raise PipelineError(f"device is {device!r} but no {device.upper()} device is available; "
+                                "use device: auto or cpu")
+        return torch.device(device)
+    return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if available[kind]))
+
+
 def select_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto",
                    deterministic: bool = False) -> Runtime:
     """deterministic: only kernels that give the same bits run after run (on one machine and setup)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device is 'cuda' but no CUDA device is available; use device: auto or cpu")
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = pick_device(device)
     # including_emulation=False: pre-Ampere GPUs (T4, V100) only emulate bf16, slower than fp32 there
-    native_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False) if dev.type == "cuda"
-                   else cpu_has_native_bf16())
-    bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
-    layout = channels_last == "on" or (channels_last == "auto" and bf16)
+    native_bf16 = {"cuda": lambda: torch.cuda.is_bf16_supported(including_emulation=False),
+                   "mps": lambda: False, "cpu": cpu_has_native_bf16}[dev.type]()
+    bf16, layout = fastest_settings(dev.type, native_bf16, precision, channels_last)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first call
     torch.use_deterministic_algorithms(deterministic)

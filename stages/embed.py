@@ -2,10 +2,11 @@
 representations — `features` (intermediate: the flattened convolutional features that enter
 the classifier) and `logits` (final: the network's output) — with labels and predictions.
 
-Reads the weights and `embed.batch_size`; writes data/embeddings/<run>.npz, the
-predictions CSV (for DVC's confusion template) and the confusion-matrix figure.
+Reads the weights and `embed.batch_size`; writes data/embeddings/<run>.npz and, through
+DVCLive (plots/<run>/eval): the validation accuracy and errors (summary), the confusion
+matrix as every (true, predicted) pair with its count, and its figure.
 """
-import csv
+import shutil
 import sys
 
 import numpy as np
@@ -14,16 +15,15 @@ from sklearn.metrics import confusion_matrix
 
 from imgcls import checkpoint as checkpoints, params, paths, plotting
 from imgcls.errors import stage_main
-from imgcls.files import atomic_path, load_npz, save_npz
+from imgcls.files import load_npz, save_npz
 from imgcls.training import infer, input_stats, select_runtime
 
 
-def write_predictions(labels, predictions, classes, target) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["actual", "predicted"])
-            writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predictions))
+def confusion_rows(matrix, classes: list[str]) -> list[dict]:
+    """All len(classes)**2 cells, zeros included, so that a class never predicted keeps its
+    column (DVCLive's sklearn confusion plot logs one row per image and would lose it)."""
+    return [{"actual": actual, "predicted": predicted, "count": int(matrix[i, j]), "actual_index": i,
+             "predicted_index": j} for i, actual in enumerate(classes) for j, predicted in enumerate(classes)]
 
 
 @stage_main
@@ -46,10 +46,21 @@ def main(run: str) -> None:
     classes = [str(c) for c in arrays["classes"]]
     save_npz(paths.embeddings(run), features=features, logits=logits, labels=labels,
              predictions=predictions, classes=arrays["classes"])
-    write_predictions(labels, predictions, classes, paths.predictions(run))
     matrix = confusion_matrix(labels, predictions, labels=np.arange(len(classes)))
-    plotting.confusion(matrix, classes, f"{run} (epoch {checkpoint['epoch']})", paths.confusion_png(run))
     accuracy = float((predictions == labels).mean())
+    try:
+        live = plotting.live(paths.eval_live(run), paths.eval_metrics(run))
+        live.summary.update({"accuracy": accuracy, "errors": int((predictions != labels).sum()),
+                             "images": int(len(labels))})
+        live.log_plot("confusion", confusion_rows(matrix, classes), x="predicted", y="actual",
+                      template="confusion_square")
+        live.log_image(paths.confusion_png(run).name,
+                       plotting.confusion(matrix, classes, f"{run} (epoch {checkpoint['epoch']})"))
+        live.end()
+    except BaseException:
+        shutil.rmtree(paths.eval_live(run), ignore_errors=True)
+        paths.eval_metrics(run).unlink(missing_ok=True)
+        raise
     print(f"embed@{run}: features {features.shape[1]}-d, logits {logits.shape[1]}-d, accuracy {accuracy:.4f}, "
           f"{int((predictions != labels).sum())} errors")
 

@@ -31,12 +31,16 @@ def main(study: str) -> None:
     names, skipped = {}, []
     for split_name, key in (("train", "train"), ("validation", "val")):
         split = raw.splits[split_name]
+        if len(split) == 0:
+            raise PipelineError(f"{study}: the {split_name} split of {paths.raw(study)} is empty; training and "
+                                f"validation both need images (check data.{study}.path and rerun download@{study})")
         keep = stratified_subset(split.labels, cfg.limit, all_params.seed)
         subset = Split(labels=split.labels[keep],
                        pixels=None if split.pixels is None else split.pixels[keep],
                        files=[split.files[i] for i in keep] if split.files else [],
                        names=[split.names[i] for i in keep] if split.names else [])
-        arrays[f"x_{key}"], kept, split_skipped = decode_split(subset, split_name, cfg.channels, cfg.image_size, study)
+        arrays[f"x_{key}"], kept, split_skipped = decode_split(subset, split_name, cfg.channels, cfg.image_size, study,
+                                                               cfg.max_bytes)
         labels = subset.labels[kept]
         emptied = sorted(set(subset.labels.tolist()) - set(labels.tolist()))
         if emptied:
@@ -47,19 +51,26 @@ def main(study: str) -> None:
         skipped += split_skipped
         names[key] = [subset.names[i] for i in kept] if subset.names else [f"{split_name}[{i}]" for i in keep]
         summary[f"n_{key}"] = int(len(labels))
+    train_size, val_size = arrays["x_train"].shape[2:], arrays["x_val"].shape[2:]
+    if 0 in train_size or 0 in val_size:
+        raise PipelineError(f"{study}: images of {train_size[1]}x{train_size[0]} (train) and {val_size[1]}x{val_size[0]} "
+                            "(validation) pixels: an image without pixels has nothing to learn from")
+    if train_size != val_size:
+        raise PipelineError(f"{study}: train images are {train_size[1]}x{train_size[0]} but validation images are "
+                            f"{val_size[1]}x{val_size[0]}; set data.{study}.image_size to resize both to one size")
     scaled = arrays["x_train"].astype(np.float32) / 255.0
     mean = scaled.mean(axis=(0, 2, 3))
     std = scaled.std(axis=(0, 2, 3))
     duplicates = cross_split_duplicates(arrays["x_train"], arrays["x_val"], names["train"], names["val"])
     if skipped:
         print(f"warning: {study}: skipped {len(skipped)} unusable image file(s) (listed in "
-              f"{paths.data_metrics(study).name}): {skipped[:3]}", file=sys.stderr)
+              f"{paths.data_summary(study).name}): {skipped[:3]}", file=sys.stderr)
     if duplicates:
         print(f"warning: {study}: {len(duplicates)} validation image(s) identical to training images "
-              f"(kept; listed in {paths.data_metrics(study).name}): {duplicates[:5]}", file=sys.stderr)
+              f"(kept; listed in {paths.data_summary(study).name}): {duplicates[:5]}", file=sys.stderr)
     save_npz(paths.prepared(study), **arrays, classes=np.array(raw.classes, dtype=str),
              mean=mean.astype(np.float32), std=std.astype(np.float32))
-    save_json(paths.data_metrics(study), {
+    save_json(paths.data_summary(study), {
         **summary,
         "classes": len(raw.classes),
         "image_shape": list(arrays["x_train"].shape[1:]),

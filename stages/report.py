@@ -1,8 +1,8 @@
-"""Stage report: one Markdown report (report/report.md) reproducing the seed's tables and
-figures for every run, next to the seed's own figures (params `reference`).
+"""Stage report: one Markdown report (report/report.md) reproducing the reference's tables and
+figures for every run, next to the reference's own figures (reference.yaml).
 
-Reads only files the earlier stages wrote (metrics, architecture tables, predictions,
-DVCLive histories) and links their PNG figures; it imports no torch, so it is quick.
+Reads only files the earlier stages wrote (metrics and timing, architecture tables, the rows of
+the DVCLive charts) and links their PNG figures; it imports no torch, so it is quick.
 """
 import csv
 import json
@@ -46,21 +46,19 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def history(run: str) -> list[dict]:
-    """Per-epoch losses and accuracies from the DVCLive TSV files."""
-    base = paths.live(run) / "plots" / "metrics"
-    columns = {}
-    for split in ("train", "val"):
-        for metric in ("loss", "acc"):
-            rows = read_csv(base / split / f"{metric}.tsv", delimiter="\t")
-            columns[f"{split}_{metric}"] = {int(row["step"]): float(row[metric]) for row in rows}
-    return [{"epoch": epoch, **{key: values[epoch] for key, values in columns.items()}}
-            for epoch in sorted(columns["val_acc"])]
+    """Per-epoch losses and accuracies, from the rows of the learning-curve charts."""
+    epochs = {}
+    for metric in paths.LEARNING_CURVES:
+        for row in read_json(paths.learning_curve(run, metric)):
+            epochs.setdefault(row["epoch"], {"epoch": row["epoch"]})[f"{row['split']}_{metric}"] = row[metric]
+    return [epochs[epoch] for epoch in sorted(epochs)]
 
 
 def confusions(run: str, top: int = 5) -> tuple[int, int, list[tuple[str, str, int]]]:
-    rows = read_csv(paths.predictions(run))
-    wrong = Counter((row["actual"], row["predicted"]) for row in rows if row["actual"] != row["predicted"])
-    return len(rows), sum(wrong.values()), [(a, p, n) for (a, p), n in wrong.most_common(top)]
+    cells = read_json(paths.confusion(run))
+    wrong = Counter({(c["actual"], c["predicted"]): c["count"] for c in cells
+                     if c["actual"] != c["predicted"] and c["count"]})
+    return sum(c["count"] for c in cells), sum(wrong.values()), [(a, p, n) for (a, p), n in wrong.most_common(top)]
 
 
 def method(cfg) -> str:
@@ -71,9 +69,9 @@ def method(cfg) -> str:
     return f"{cfg.epochs} epochs {cfg.optimizer}, lr {cfg.lr:g}{augmented}"
 
 
-def comparison_sections(all_params) -> list[str]:
-    """Studies with several runs (the transfer-learning methods): one table next to the seed
-    and the runs' t-SNE figures together (the seed's Figure 8)."""
+def comparison_sections(all_params, references) -> list[str]:
+    """Studies with several runs (the transfer-learning methods): one table next to the reference
+    and the runs' t-SNE figures together (the reference's Figure 8)."""
     lines = []
     for study, data in all_params.data.items():
         runs = {run: cfg for run, cfg in all_params.train.items() if cfg.data == study}
@@ -82,15 +80,15 @@ def comparison_sections(all_params) -> list[str]:
         rows = []
         for run, cfg in runs.items():
             metrics, tsne = read_json(paths.train_metrics(run)), read_json(paths.tsne_metrics(run))
-            reference = all_params.reference.get(run)
+            reference = references.get(run)
             weights = getattr(cfg.model, "pretrained", None)
             size = cfg.input_size or data.image_size
             rows.append([run, cfg.model.name + {True: " (ImageNet)", False: " (random init)", None: ""}[weights],
                          method(cfg), f"{size} px" if size else "native", pct(metrics["best_val_acc"]),
                          pct(reference.best_val_acc) if reference else "–", pct(tsne["svm_2d_acc_features"]),
-                         pct(tsne["svm_2d_acc_logits"]), f"{metrics['train_seconds']:.0f} s"])
+                         pct(tsne["svm_2d_acc_logits"]), f"{read_json(paths.timing(run))['train_seconds']:.0f} s"])
         lines += [f"## {study}: methods compared", ""]
-        lines += table(["run", "model", "method", "input", "best val acc", "seed's", "t-SNE 2-D SVM: features",
+        lines += table(["run", "model", "method", "input", "best val acc", "reference", "t-SNE 2-D SVM: features",
                         "t-SNE 2-D SVM: logits", "train time"], rows)
         lines += ["", "t-SNE of each run's validation representations (the features that enter the classifier, "
                   "and the logits) with the line of a linear SVM fitted on the 2-D points; the columns above give "
@@ -135,7 +133,7 @@ def seed_section(all_params, groups: dict[str, list[str]]) -> list[str]:
 
 
 def run_section(run: str, cfg, reference) -> list[str]:
-    metrics = read_json(paths.train_metrics(run))
+    metrics, timing = read_json(paths.train_metrics(run)), read_json(paths.timing(run))
     tsne = read_json(paths.tsne_metrics(run))
     total, errors, pairs = confusions(run)
     arch = read_csv(paths.architecture(run))
@@ -151,17 +149,17 @@ def run_section(run: str, cfg, reference) -> list[str]:
     ours = [pct(metrics["best_val_acc"]), metrics["best_epoch"], metrics["epochs"], errors]
     rows = [["this pipeline", *ours]]
     if reference is not None:
-        rows.append(["seed report", pct(reference.best_val_acc), reference.best_epoch or "–", "", reference.errors or "–"])
+        rows.append(["reference", pct(reference.best_val_acc), reference.best_epoch or "–", "", reference.errors or "–"])
     lines += table(["", "best validation accuracy", "epoch of best", "epochs", "validation errors"], rows)
     if reference is not None and reference.note:
         lines += ["", reference.note]
-    lines += ["", f"Trained on {metrics['device']} ({metrics['precision']}) in {metrics['train_seconds']:.0f} s "
-                  f"({metrics['seconds_per_epoch']:.1f} s per epoch, {metrics['train_images_per_second']:,.0f} "
+    lines += ["", f"Trained on {timing['device']} ({timing['precision']}) in {timing['train_seconds']:.0f} s "
+                  f"({timing['seconds_per_epoch']:.1f} s per epoch, {timing['train_images_per_second']:,.0f} "
                   "training images/s).", ""]
     epochs = history(run)
     lines += table(["epoch", "train loss", "val loss", "train acc", "val acc"],
-                   [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", pct(e["train_acc"]),
-                     pct(e["val_acc"])] for e in epochs])
+                   [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['validation_loss']:.4f}", pct(e["train_accuracy"]),
+                     pct(e["validation_accuracy"])] for e in epochs])
     lines += ["", "### Confusion matrix", "", f"![confusion matrix]({link(paths.confusion_png(run))})", "",
               f"{errors} errors out of {total} validation images (best-epoch weights). Most confused pairs:", ""]
     lines += table(["true class", "predicted as", "count"], [list(pair) for pair in pairs])
@@ -175,7 +173,7 @@ def run_section(run: str, cfg, reference) -> list[str]:
 def data_section(all_params) -> list[str]:
     rows = []
     for study in all_params.data:
-        info = read_json(paths.data_metrics(study))
+        info = read_json(paths.data_summary(study))
         rows.append([study, all_params.data[study].source, info["n_train"], info["n_val"],
                      "x".join(map(str, info["image_shape"])), info["mean"], info["std"],
                      info["duplicates_across_splits"]])
@@ -186,23 +184,24 @@ def data_section(all_params) -> list[str]:
 @stage_main
 def main() -> None:
     all_params = params.load()
+    references = params.load_reference()
     lines = ["# Reproduction report", "",
-             "Generated by `dvc repro` (stage `report`) from the pipeline's own outputs; the seed is the "
-             "practical's report (../shared/seed). Accuracies are on the validation split (the official "
+             "Generated by `dvc repro` (stage `report`) from the pipeline's own outputs; the reference is the "
+             "practical's report (reference.yaml). Accuracies are on the validation split (the official "
              "test split), best epoch's weights.", ""]
     summary = []
     for run, cfg in all_params.train.items():
         metrics = read_json(paths.train_metrics(run))
-        reference = all_params.reference.get(run)
+        reference = references.get(run)
         summary.append([run, pct(metrics["best_val_acc"]), metrics["best_epoch"],
                         pct(reference.best_val_acc) if reference else "–",
                         (reference.best_epoch or "–") if reference else "–"])
-    lines += ["## Summary", ""] + table(["run", "best val acc", "epoch", "seed's best", "seed's epoch"], summary)
+    lines += ["## Summary", ""] + table(["run", "best val acc", "epoch", "reference best", "reference epoch"], summary)
     groups = seed_groups(all_params.train)
     distinct = all_params.model_copy(update={"train": {run: all_params.train[run] for run in groups}})
-    lines += [""] + data_section(all_params) + seed_section(all_params, groups) + comparison_sections(distinct)
+    lines += [""] + data_section(all_params) + seed_section(all_params, groups) + comparison_sections(distinct, references)
     for run, cfg in distinct.train.items():
-        lines += run_section(run, cfg, all_params.reference.get(run))
+        lines += run_section(run, cfg, references.get(run))
     save_text(paths.report_md(), "\n".join(lines) + "\n")
     print(f"report: {paths.report_md()}")
 

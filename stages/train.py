@@ -1,11 +1,14 @@
 """Stage train@<run>: train the run's model on its study's prepared data.
 
 Reads params `train.<run>` and `seed`; writes the best epoch's weights
-(data/models/<run>.pt), the architecture table, the DVCLive history
-(plots/<run>/live), the learning-curve figure and metrics/<run>.json.  With nproc or nnodes
-above 1 it re-launches itself under torchrun; rank 0 alone writes (docs/distributed.md).
+(data/models/<run>.pt), the architecture table, the wall-clock timing and, through DVCLive
+(plots/<run>/live): the per-epoch history, the summary metrics, the learning-curve charts'
+data and figure.  A run that stops (PipelineError, any exception) leaves none of these behind.
+With nproc or nnodes above 1 it re-launches itself under torchrun; rank 0 alone writes
+(docs/distributed.md).
 """
 import csv
+import shutil
 import sys
 
 import numpy as np
@@ -26,6 +29,7 @@ def load_prepared(study: str, device) -> tuple[dict, list[str]]:
 
 
 def write_architecture(rows: list[dict], target) -> None:
+    # By hand: a table of layers, neither a metric nor a plot DVCLive could log.
     with atomic_path(target) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["layer", "output_shape", "params"])
@@ -33,10 +37,29 @@ def write_architecture(rows: list[dict], target) -> None:
             writer.writerows(rows)
 
 
+def discard_outputs(run: str) -> None:
+    """What a stopped run had written so far: DVC would not commit it, but people would read it."""
+    shutil.rmtree(paths.live(run), ignore_errors=True)
+    for path in (paths.train_metrics(run), paths.architecture(run), paths.timing(run), paths.model(run)):
+        path.unlink(missing_ok=True)
+
+
+def log_results(live, run: str, model_name: str, history: list[dict], n_params: int, epochs: int) -> dict:
+    """Summary metrics (outcomes only), the learning-curve charts' rows and figure, via DVCLive."""
+    best = max(history, key=lambda row: row["val_acc"])
+    live.summary.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                         "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
+                         "n_params": n_params, "epochs": epochs})
+    for metric, key in zip(paths.LEARNING_CURVES, ("loss", "acc")):
+        rows = [{"epoch": row["epoch"], "split": split, metric: row[f"{prefix}_{key}"]}
+                for row in history for split, prefix in (("train", "train"), ("validation", "val"))]
+        live.log_plot(metric, rows, x="epoch", y=metric, template="learning_curve")
+    live.log_image(paths.learning_curves_png(run).name, plotting.learning_curves(history, f"{run} ({model_name})"))
+    return best
+
+
 @stage_main
 def main(run: str) -> None:
-    from dvclive import Live  # imported late: only this stage logs with DVCLive
-
     all_params = params.load()
     cfg = params.run(all_params, run)
     if cfg.nproc * cfg.nnodes > 1 and not distributed.launched():
@@ -55,11 +78,11 @@ def main(run: str) -> None:
     model = models.build(cfg.model, in_channels=input_shape[0], num_classes=len(classes), image_size=input_shape[1])
     n_params = models.count_parameters(model)
     if main_rank:
-        write_architecture(models.summarize(model, input_shape), paths.architecture(run))
+        architecture = models.summarize(model, input_shape)  # before training: as built, written after
         print(f"train@{run}: {cfg.model.name} with {n_params:,} parameters on {rt.device} ({rt.precision}, "
               f"channels_last={rt.channels_last}), {len(data['x_train'])} training images, "
               f"{distributed.world()} process(es)")
-        live = Live(dir=str(paths.live(run)), dvcyaml=False, save_dvc_exp=False)
+        live = plotting.live(paths.live(run), paths.train_metrics(run))
 
     def log_epoch(row: dict) -> None:
         live.step = row["epoch"]
@@ -68,36 +91,38 @@ def main(run: str) -> None:
             live.log_metric(f"{split}/acc", row[f"{split}_acc"])
 
     try:
-        method = fit if cfg.method == "gradient" else fit_linear_svm
-        history, best_state, seconds = method(model, data, cfg, rt, seed, log_epoch, name=f"train@{run}")
-    except torch.cuda.OutOfMemoryError:
-        raise PipelineError(f"train@{run}: CUDA out of memory; lower train.{run}.batch_size "
-                            f"(now {cfg.batch_size})") from None
-    except RuntimeError as err:
-        if "does not have a deterministic implementation" not in str(err):
-            raise
-        raise PipelineError(f"train@{run}: {str(err).split(',')[0]}; set train.{run}.deterministic: false") from None
-    distributed.teardown()
-    if not main_rank:
-        return
-    live.end()
-    best = max(history, key=lambda row: row["val_acc"])
-    checkpoint.save(run, best_state, cfg.model, input_shape, cfg.input_size, classes, best["epoch"])
-    plotting.learning_curves(history, f"{run} ({cfg.model.name})", paths.learning_curves_png(run))
-    train_images = len(data["x_train"]) * cfg.epochs
-    save_json(paths.train_metrics(run), {
-        "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"],
-        "final_val_acc": history[-1]["val_acc"],
-        "final_val_loss": history[-1]["val_loss"],
-        "n_params": n_params,
-        "epochs": cfg.epochs,
-        "train_seconds": round(seconds, 1),
-        "seconds_per_epoch": round(sum(r["epoch_seconds"] for r in history) / len(history), 2),
-        "train_images_per_second": round(train_images / sum(r["epoch_seconds"] for r in history), 1),
-        "device": str(rt.device),
-        "precision": rt.precision,
-    })
+        try:
+            method = fit if cfg.method == "gradient" else fit_linear_svm
+            history, best_state, seconds = method(model, data, cfg, rt, seed, log_epoch, name=f"train@{run}")
+        except torch.cuda.OutOfMemoryError:
+            raise PipelineError(f"train@{run}: CUDA out of memory; lower train.{run}.batch_size "
+                                f"(now {cfg.batch_size})") from None
+        except RuntimeError as err:
+            if "does not have a deterministic implementation" not in str(err):
+                raise
+            raise PipelineError(f"train@{run}: {str(err).split(',')[0]}; "
+                                f"set train.{run}.deterministic: false") from None
+        distributed.teardown()
+        if not main_rank:
+            return
+        best = log_results(live, run, cfg.model.name, history, n_params, cfg.epochs)
+        live.end()
+        checkpoint.save(run, best_state, cfg.model, input_shape, cfg.input_size, classes, best["epoch"],
+                        data["mean"], data["std"])
+        write_architecture(architecture, paths.architecture(run))
+        epoch_seconds = sum(row["epoch_seconds"] for row in history)
+        # By hand, not in DVCLive's summary: wall-clock figures differ between identical runs.
+        save_json(paths.timing(run), {
+            "train_seconds": round(seconds, 1),
+            "seconds_per_epoch": round(epoch_seconds / len(history), 2),
+            "train_images_per_second": round(len(data["x_train"]) * cfg.epochs / epoch_seconds, 1),
+            "device": str(rt.device),
+            "precision": rt.precision,
+        })
+    except BaseException:
+        if main_rank:
+            discard_outputs(run)
+        raise
     print(f"train@{run}: best validation accuracy {best['val_acc']:.4f} at epoch {best['epoch']} "
           f"({seconds:.0f} s)")
 

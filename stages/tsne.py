@@ -2,14 +2,15 @@
 coloured by class, with a linear SVM fitted on the 2-D points as a measure of how linearly
 separable the projection is (the line is drawn for two-class studies, as in the reference's Fig. 8).
 
-Reads params `tsne.*`; writes plots/<run>/tsne.csv, tsne.png and metrics/tsne_<run>.json.
+Reads params `tsne.*`; writes through DVCLive (plots/<run>/tsne): the 2-D points (a custom
+plot), the figure and the SVM accuracies (summary).
 """
-import csv
+import shutil
 import sys
 
 from imgcls import params, paths, plotting
 from imgcls.errors import PipelineError, stage_main
-from imgcls.files import atomic_path, load_npz, save_json
+from imgcls.files import load_npz
 from imgcls.projection import REPRESENTATIONS, linear_separability, project
 from imgcls.sources import stratified_subset
 
@@ -32,16 +33,21 @@ def main(run: str) -> None:
         summary[f"svm_2d_acc_{key}"] = round(accuracy, 4)
         panels.append({"name": f"{title}, {embedded[key].shape[1]}-d", "points": points, "labels": labels,
                        "boundary": boundary, "note": f"2-D linear SVM {accuracy:.1%}"})
-        rows += [(key, f"{x:.4f}", f"{y:.4f}", classes[label]) for (x, y), label in zip(points, labels)]
+        rows += [{"representation": key, "x": round(float(x), 4), "y": round(float(y), 4), "class": classes[label],
+                  "label": int(label)} for (x, y), label in zip(points, labels)]
         print(f"tsne@{run}: {key} ({embedded[key].shape[1]}-d) -> 2-D, linear SVM on the projection {accuracy:.4f}")
-    with atomic_path(paths.tsne_csv(run)) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["representation", "x", "y", "class"])
-            writer.writerows(rows)
-    plotting.tsne(panels, classes, f"t-SNE of {run} validation representations "
-                  f"(perplexity {cfg.perplexity:g}, {len(keep)} points)", paths.tsne_png(run))
-    save_json(paths.tsne_metrics(run), summary)
+    try:
+        live = plotting.live(paths.tsne_live(run), paths.tsne_metrics(run))
+        live.summary.update(summary)
+        live.log_plot("tsne", rows, x="x", y="y", template="tsne")
+        live.log_image(paths.tsne_png(run).name, plotting.tsne(
+            panels, classes, f"t-SNE of {run} validation representations (perplexity {cfg.perplexity:g}, "
+                             f"{len(keep)} points)"))
+        live.end()
+    except BaseException:
+        shutil.rmtree(paths.tsne_live(run), ignore_errors=True)
+        paths.tsne_metrics(run).unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
 # What a stage needs to run: everything git tracks except tests and docs.
-REPO_FILES = ("stages", "imgcls", "dvc.yaml", "params.yaml", "manifests", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
+REPO_FILES = ("stages", "imgcls", "sources", "dvc.yaml", "params.yaml", "reference.yaml", "manifests", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
               ".dvcignore", ".gitignore")
 TEST_IMAGE_SIZE = 48  # cap on generated image sides: ImageNet backbones take any size >= 32
 
@@ -146,7 +146,8 @@ def repo(tmp_path) -> Repo:
             updates.update({f"data.{study}.source": "imagefolder", f"data.{study}.path": str(path),
                             f"data.{study}.subdir": None,
                             f"data.{study}.image_size": size if cfg.get("image_size") else None})
-        updates.update({f"data.{study}.sha256": None, f"data.{study}.limit": None, f"data.{study}.manifest": None})
+        updates.update({f"data.{study}.sha256": None, f"data.{study}.copy_sha256": None, f"data.{study}.limit": None,
+                        f"data.{study}.manifest": None})
     for run, cfg in repo.params["train"].items():
         updates[f"train.{run}.epochs"] = 1
         if cfg.get("input_size"):

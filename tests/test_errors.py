@@ -1,6 +1,7 @@
 """Bad input, faults and safety (docs/errors.md): every case ends in one `error:` line and no
 output a later `dvc repro` could take for good data, or in a counted skip recorded in metrics."""
 import ast
+import fcntl
 import http.server
 import io
 import json
@@ -25,12 +26,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pydantic import TypeAdapter
 
-from imgcls import download, embed, files, params, paths, preprocess, sources, tsne
+from imgcls import checkpoint, files, models, params, paths, sources
 from imgcls.errors import PipelineError, stage_main
 from imgcls.params import DataParams
 from imgcls.images import UnusableImage, decode_file
 from imgcls.sources import read_source
+from stages import download, embed, preprocess, tsne
 from tests.conftest import ROOT, imagefolder_files, png_bytes, write_npz, write_tree, write_zip
 
 
@@ -126,6 +129,15 @@ def mutated_params(tmp_path, mutate) -> Path:
     (lambda c: c["train"]["mnist"].update(method="lbfgs"), r"train\.mnist\.method: Input should be 'gradient'"),
     (lambda c: c["train"]["mnist"].update(optimizer="rmsprop"), r"train\.mnist\.optimizer: Input should be 'adam'"),
     (lambda c: c["train"]["mnist"].update(device="tpu"), r"train\.mnist\.device: Input should be 'auto'"),
+    (lambda c: c.update(seed=-1), r"^params\.yaml: seed: Input should be greater than or equal to 0"),
+    (lambda c: c.update(seed=2**32), r"^params\.yaml: seed: Input should be less than or equal to 4294967295"),
+    (lambda c: c["train"]["mnist"].update(seed=-1), r"train\.mnist\.seed: Input should be greater than or equal to 0"),
+    (lambda c: c["tsne"].update(seed=-1), r"tsne\.seed: Input should be greater than or equal to 0"),
+    (lambda c: c["train"]["mnist"].update(epochs=True), r"train\.mnist\.epochs: Input should be a valid integer, not a boolean"),
+    (lambda c: c["train"]["mnist"].update(batch_size=True), r"train\.mnist\.batch_size: .*not a boolean"),
+    (lambda c: c["tsne"].update(max_points=True), r"tsne\.max_points: .*not a boolean"),
+    (lambda c: c["data"]["mnist"].update(channels=True), r"data\.mnist\.channels: .*not a boolean"),
+    (lambda c: c["data"]["mnist"].update(max_bytes=0), r"data\.mnist\.max_bytes: Input should be greater than 0"),
 ])
 def test_bad_params_stop_with_one_line_naming_the_key(tmp_path, mutate, message):
     with pytest.raises(PipelineError, match=message) as err:
@@ -220,13 +232,86 @@ def test_cut_download_fails_cleanly_and_is_never_cached(http_server, workspace, 
     assert captured.err.count("retrying in 0 s") == 2
     assert http_server.hits == 3
     assert not paths.raw("mnist").exists() and list(fetch_tmp.iterdir()) == []
+    assert [p.name for p in paths.DATA.iterdir() if p.name.startswith(".fetch-")] == []
+
+
+class NoLengthHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files without Content-Length (HTTP/1.0, the body ends when the connection
+    closes): a body cut short looks whole to the client."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        body = self.server.files.get(self.path.lstrip("/"))
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def plain_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoLengthHandler)
+    server.files = {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("pets.tar", lambda d: tar_cut_at_a_member_boundary(d / "cut.tar").read_bytes(),
+     "unreadable or truncated archive (EOFError: no end-of-archive marker"),
+    ("pets.zip", lambda d: write_zip(d / "z.zip", imagefolder_files()).read_bytes()[:3000],
+     "unreadable or truncated archive (BadZipFile"),
+    ("pets.zip", lambda d: b"<!DOCTYPE html>\n<html><body>Sign in to download</body></html>\n",
+     "not a directory, zip or tar archive (it looks like an HTML page)"),
+])
+def test_cut_or_wrong_body_without_content_length_is_refused_naming_the_url(plain_server, workspace, tmp_path, capsys,
+                                                                            name, body, message):
+    plain_server.files[name] = body(tmp_path)
+    location = url(plain_server, name)
+    workspace({"pets": {"source": "imagefolder", "path": location}})
+    assert run_main(download.main, "pets") == 2
+    line = error_line(capsys.readouterr())
+    assert line.startswith(f"error: {location}: {message}"), line  # the URL, not the deleted temporary file
+    assert not paths.raw("pets").exists()
+    assert [p.name for p in paths.DATA.iterdir() if p.name.startswith(".fetch-")] == []
+
+
+def test_download_left_by_a_killed_run_is_removed_by_the_next(plain_server, workspace, tmp_path):
+    """Downloads go to data/.fetch-data.<study>.path-*, which a run killed mid-transfer cannot remove."""
+    tar_with(tmp_path / "pets.tar", [])
+    plain_server.files["pets.tar"] = (tmp_path / "pets.tar").read_bytes()
+    workspace({"pets": {"source": "imagefolder", "path": url(plain_server, "pets.tar")}})
+    leftover = paths.DATA / ".fetch-data.pets.path-k1ll3d00"
+    leftover.mkdir(parents=True)
+    (leftover / ".lock").touch()  # the dead run's lock: nobody holds it now
+    (leftover / "pets.tar").write_bytes(b"half a download")
+    busy = paths.DATA / ".fetch-data.pets.path-busy0000"  # a live download's, locked: left alone
+    busy.mkdir()
+    with open(busy / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert run_main(download.main, "pets") == 0
+    assert not leftover.exists() and busy.exists()
+    shutil.rmtree(busy)
+    assert run_main(download.main, "pets") == 0
+    assert paths.raw("pets").exists()
+    assert [p.name for p in paths.DATA.iterdir() if p.name.startswith(".fetch-")] == []
 
 
 # ---------------------------------------------------------------- archives and folders
-@pytest.mark.parametrize("kind", ["tar.gz", "npz"])
+@pytest.mark.parametrize("kind", ["tar.gz", "npz", "zip"])
 def test_truncated_archive_stops(tmp_path, kind):
     if kind == "npz":
         whole, cfg = write_npz(tmp_path / "whole.npz"), dict(source="npz", channels=1)
+    elif kind == "zip":
+        whole, cfg = write_zip(tmp_path / "whole.zip", imagefolder_files()), dict(source="imagefolder", channels=3)
     else:
         tree = write_tree(tmp_path / "tree", imagefolder_files())
         whole, cfg = tmp_path / "whole.tar.gz", dict(source="imagefolder", channels=3)
@@ -234,8 +319,29 @@ def test_truncated_archive_stops(tmp_path, kind):
             tar.add(tree, arcname=".")
     cut = tmp_path / f"cut.{kind}"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(PipelineError, match=r"cut\.(tar\.gz: unreadable or truncated archive|npz is not a readable)"):
+    with pytest.raises(PipelineError, match=r"cut\.((tar\.gz|zip): unreadable or truncated archive|npz is not a readable)"):
         read_source("pets", DataParams(path=str(cut), **cfg))
+
+
+def tar_cut_at_a_member_boundary(path: Path, compression: str = "") -> Path:
+    """A tar of the tiny ImageFolder that stops right before its last member's header, as a cut
+    download without Content-Length would: no end-of-archive marker, every member before it whole."""
+    whole = tar_with(path.with_suffix(".whole"), [])
+    with tarfile.open(whole) as tar:
+        last = tar.getmembers()[-1].offset
+    raw = whole.read_bytes()[:last]
+    path.write_bytes(zlib.compress(raw, wbits=31) if compression == "gz" else raw)  # wbits 31: a gzip stream
+    return path
+
+
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_tar_cut_at_a_member_boundary_is_refused(workspace, tmp_path, capsys, compression):
+    cut = tar_cut_at_a_member_boundary(tmp_path / f"cut.tar{'.gz' if compression else ''}", compression)
+    workspace({"pets": {"source": "imagefolder", "path": str(cut)}})
+    assert run_main(download.main, "pets") == 2
+    line = error_line(capsys.readouterr())
+    assert f"{cut}: unreadable or truncated archive (EOFError: no end-of-archive marker" in line
+    assert not paths.raw("pets").exists()
 
 
 def tar_with(path: Path, members: list[tarfile.TarInfo]) -> Path:
@@ -378,7 +484,7 @@ def test_unusable_images_are_skipped_counted_and_mixed_modes_converted(workspace
     assert run_main(preprocess.main, "pets") == 0
     err = capsys.readouterr().err
     assert f"warning: pets: skipped {len(UNUSABLE)} unusable image file(s)" in err
-    metrics = json.loads(paths.data_metrics("pets").read_text())
+    metrics = json.loads(paths.data_summary("pets").read_text())
     assert metrics["skipped"] == len(UNUSABLE)
     reasons = dict(metrics["skipped_files"])
     assert set(reasons) == set(UNUSABLE)
@@ -411,7 +517,7 @@ def test_class_left_without_usable_images_stops_preprocess(workspace, tmp_path, 
     assert run_main(preprocess.main, "pets") == 2
     line = error_line(capsys.readouterr())
     assert "class 'dog' has no usable image in the train split (e.g. train/dog/0.jpg: not a readable image (no known" in line
-    assert not paths.prepared("pets").exists() and not paths.data_metrics("pets").exists()
+    assert not paths.prepared("pets").exists() and not paths.data_summary("pets").exists()
 
 
 # ---------------------------------------------------------------- loading
@@ -438,11 +544,16 @@ def test_every_torch_load_is_weights_only_and_nothing_unpickles():
                 continue
             name = ast.unparse(node.func)
             keywords = {k.arg: k.value for k in node.keywords}
-            if name in ("torch.load", "torch.hub.load_state_dict_from_url", "load_state_dict_from_url"):
+            hub_load = name.endswith(("load_state_dict_from_url", ".get_state_dict"))  # torchvision weights enums
+            if name == "torch.load" or hub_load:
                 loads += 1
                 flag = keywords.get("weights_only")
                 if not (isinstance(flag, ast.Constant) and flag.value is True):
                     problems.append(f"{where}: {name} without weights_only=True")
+            if hub_load and not (isinstance(keywords.get("check_hash"), ast.Constant) and keywords["check_hash"].value):
+                problems.append(f"{where}: {name} without check_hash=True")
+            if name in ("torch.hub.load", "hub.load"):
+                problems.append(f"{where}: {name} runs a repository's hubconf.py (load weights, not code)")
             if name.endswith("np.load") or name == "numpy.load":
                 flag = keywords.get("allow_pickle")
                 if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
@@ -468,8 +579,8 @@ def test_hostile_checkpoint_is_refused_without_running_it(workspace, tmp_path):
     marker = tmp_path / "pwned"
     paths.model("toy").parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "model": Payload(marker)}, paths.model("toy"))
-    with pytest.raises(PipelineError, match=r"embed@toy: .*toy\.pt is not a checkpoint train@toy wrote \(UnpicklingError"):
-        embed.load_model("toy")
+    with pytest.raises(PipelineError, match=r"toy: .*toy\.pt is not a checkpoint train@toy wrote \(UnpicklingError"):
+        checkpoint.load("toy")
     assert not marker.exists()
 
 
@@ -479,7 +590,250 @@ def test_truncated_checkpoint_is_refused(workspace):
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, paths.model("toy"))
     paths.model("toy").write_bytes(paths.model("toy").read_bytes()[:500])
     with pytest.raises(PipelineError, match=r"is not a checkpoint train@toy wrote .*rerun train@toy"):
-        embed.load_model("toy")
+        checkpoint.load("toy")
+
+
+def toy_checkpoint() -> dict:
+    """What train@toy writes for a 1x28x28, ten-class SimpleCNN run (built here, not trained)."""
+    model_params = params.SimpleCNNParams(name="simple_cnn")
+    model = models.build(model_params, in_channels=1, num_classes=10, image_size=28)
+    return {"state_dict": model.state_dict(), "model": model_params.model_dump(), "input_shape": [1, 28, 28],
+            "input_size": None, "classes": [str(i) for i in range(10)], "epoch": 1}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(input_shape=[1, 10**7, 10**7]), r"input_shape \[1, 10000000, 10000000\] is not \[1 or 3"),
+    (lambda c: c.update(input_shape=[1, 28]), r"input_shape \[1, 28\] is not"),
+    (lambda c: c.update(input_size=-5), r"input_size -5 is not null"),
+    (lambda c: c.update(classes=["a", 2]), r"classes is not a list of 2 to"),
+    (lambda c: c.update(classes="0123456789"), r"classes is not a list"),
+    (lambda c: c.pop("epoch"), r"no epoch"),
+    (lambda c: c.update(model={"name": "simple_cnn", "dropout_fc": 2}), r"model\.simple_cnn\.dropout_fc: Input should be"),
+    (lambda c: c.update(state_dict=[1, 2]), r"state_dict is not a dict of tensors"),
+    (lambda c: c["state_dict"].pop("features.0.weight"), r"1 missing tensors, e\.g\. \['features\.0\.weight'\]"),
+    (lambda c: c["state_dict"].update(extra=torch.zeros(1)), r"1 unexpected, e\.g\. \['extra'\]"),
+    (lambda c: c["state_dict"].update({"classifier.3.weight": torch.zeros(5, 128)}),
+     r"tensor classifier\.3\.weight has shape \[5, 128\], the network expects \[10, 128\]"),
+    (lambda c: c.update(input_shape=[1, 1, 1]), r"simple_cnn needs images of at least 2x2"),
+])
+def test_checkpoint_of_the_wrong_structure_is_one_line_naming_the_file(workspace, mutate, message):
+    """Checked before anything is allocated from its values: [1, 10**7, 10**7] once asked embed for 160 TB."""
+    workspace({"toy": {"source": "npz", "path": "unused.npz", "channels": 1}})
+    paths.model("toy").parent.mkdir(parents=True)
+    torch.save(toy_checkpoint(), paths.model("toy"))
+    assert type(checkpoint.load("toy")[0]).__name__ == "SimpleCNN"
+    broken = toy_checkpoint()
+    mutate(broken)
+    torch.save(broken, paths.model("toy"))
+    with pytest.raises(PipelineError, match=rf"^toy: .*toy\.pt is not a checkpoint train@toy wrote \(.*{message}.*"
+                                            r"rerun train@toy$") as err:
+        checkpoint.load("toy")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model, size, smallest", [
+    ({"name": "simple_cnn"}, 1, 2),
+    ({"name": "alexnet"}, 8, 16),
+    ({"name": "resnet18", "pretrained": False}, 16, 32),
+])
+def test_images_too_small_for_the_network_stop_building_it(model, size, smallest):
+    model_params = TypeAdapter(params.ModelParams).validate_python(model)
+    with pytest.raises(PipelineError, match=rf"^{model['name']} needs images of at least {smallest}x{smallest} pixels, "
+                                            rf"the input is {size} pixels high; set data\.<study>\.image_size"):
+        models.build(model_params, 3, 2, size)
+    assert models.build(model_params, 3, 2, smallest) is not None
+
+
+def test_one_pixel_images_stop_train_with_one_line(workspace, tmp_path, capsys):
+    from stages import train
+
+    path = write_npz(tmp_path / "dots.npz", n_train=40, n_test=20, size=1)
+    workspace({"dots": {"source": "npz", "path": str(path), "channels": 1}})
+    assert run_main(download.main, "dots") == 0 and run_main(preprocess.main, "dots") == 0
+    capsys.readouterr()
+    assert run_main(train.main, "dots") == 2
+    assert "simple_cnn needs images of at least 2x2 pixels, the input is 1 pixels high" in error_line(capsys.readouterr())
+    assert not paths.model("dots").exists() and not paths.train_metrics("dots").exists()
+
+
+HUB_PAYLOAD_NAME = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 file: the hash prefix is in the name
+
+
+def test_pretrained_weights_in_the_hub_cache_are_hash_checked_before_loading(tmp_path, monkeypatch):
+    """A pickle planted in torch's hub cache under the weights' file name used to run on load."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    marker = tmp_path / "pwned"
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"conv1.weight": Payload(marker)}, tmp_path / "hub" / "checkpoints" / HUB_PAYLOAD_NAME)
+    with pytest.raises(PipelineError, match=rf"{HUB_PAYLOAD_NAME}: sha256 does not start with f37072fd, the hash in its "
+                                            r"name \(corrupt or replaced\); delete it"):
+        models.build(params.ResNet18Params(name="resnet18"), 3, 2, 224)
+    assert not marker.exists()
+
+
+def test_pretrained_weights_load_without_pickle_even_when_the_hash_matches(tmp_path, monkeypatch):
+    """Were the hash check fooled, weights_only still refuses the payload (one line, no code run)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "sha256", lambda path: "f37072fd" + "0" * 56)
+    marker = tmp_path / "pwned"
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"conv1.weight": Payload(marker)}, tmp_path / "hub" / "checkpoints" / HUB_PAYLOAD_NAME)
+    with pytest.raises(PipelineError, match=rf"{HUB_PAYLOAD_NAME}: not the ResNet18_Weights\.IMAGENET1K_V1 weights "
+                                            r"\(UnpicklingError"):
+        models.build(params.ResNet18Params(name="resnet18"), 3, 2, 224)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- red-team pass (issue 14): data
+@pytest.mark.parametrize("written, expected", [("off", "off"), ("on", "on"), ("false", "off"), ("true", "on"),
+                                               ("auto", "auto")])
+def test_on_off_params_take_yaml_booleans(tmp_path, written, expected):
+    """YAML 1.1 reads a bare `off` as false, and `dvc exp run -S train.mnist.channels_last=off` writes it bare."""
+    path = mutated_params(tmp_path, lambda c: c["train"]["mnist"].update(channels_last="CHANNELS_LAST"))
+    path.write_text(path.read_text().replace("channels_last: CHANNELS_LAST", f"channels_last: {written}"))
+    assert params.load(path).train["mnist"].channels_last == expected
+
+
+def toy_npz_study(workspace, tmp_path, **overrides) -> Path:
+    path = write_npz(tmp_path / "toy.npz", n_train=40, n_test=20, **overrides)
+    return workspace({"toy": {"source": "npz", "path": str(path), "channels": 1}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(x_test=np.zeros((0, 28, 28), np.uint8), y_test=np.zeros(0, np.uint8)), "data.toy: the validation split is empty"),
+    (dict(y_train=np.zeros(40, np.uint8), y_test=np.zeros(20, np.uint8)), "data.toy: one class (['0']); a classifier"),
+    (dict(y_train=np.zeros(40, np.uint8)), "data.toy: every train image has the same label ('0')"),
+    (dict(y_train=np.r_[np.zeros(39), [2**40]].astype(np.int64)),
+     "data.toy: the labels reach 1,099,511,627,776, which would make 1,099,511,627,777 classes for 60 images"),
+    (dict(y_train=np.r_[[-3], np.zeros(39)].astype(np.int64)), "labels must be class indices 0, 1, 2, …, got -3..0"),
+])
+def test_array_data_a_classifier_cannot_use_stops_the_download(workspace, tmp_path, capsys, overrides, message):
+    toy_npz_study(workspace, tmp_path, **overrides)
+    assert run_main(download.main, "toy") == 2
+    assert message in error_line(capsys.readouterr())
+    assert not paths.raw("toy").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(x_test=np.zeros((20, 20, 20), np.uint8)),
+     "toy: train images are 28x28 but validation images are 20x20; set data.toy.image_size to resize both"),
+    (dict(x_train=np.zeros((40, 0, 0), np.uint8), x_test=np.zeros((20, 0, 0), np.uint8)),
+     "toy: the train images are 0x0 pixels: nothing to learn from"),
+])
+def test_images_training_cannot_use_stop_preprocess(workspace, tmp_path, capsys, overrides, message):
+    toy_npz_study(workspace, tmp_path, **overrides)
+    assert run_main(download.main, "toy") == 0
+    capsys.readouterr()
+    assert run_main(preprocess.main, "toy") == 2
+    assert message in error_line(capsys.readouterr())
+    assert not paths.prepared("toy").exists() and not paths.data_summary("toy").exists()
+
+
+def test_empty_split_in_the_raw_copy_stops_preprocess(workspace, capsys):
+    workspace({"toy": {"source": "npz", "path": "unused.npz", "channels": 1}})
+    sources.save_raw(sources.RawDataset(classes=["a", "b"], splits={
+        "train": sources.Split(labels=np.arange(8) % 2, pixels=np.arange(8 * 16, dtype=np.uint8).reshape(8, 4, 4, 1)),
+        "validation": sources.Split(labels=np.zeros(0, np.int64), pixels=np.zeros((0, 4, 4, 1), np.uint8))}),
+        paths.raw("toy"))
+    assert run_main(preprocess.main, "toy") == 2
+    assert "toy: the validation split of " in error_line(capsys.readouterr())
+    assert not paths.prepared("toy").exists() and not paths.data_summary("toy").exists()
+
+
+def with_hidden_folders(files_: dict) -> dict:
+    """Jupyter's checkpoints beside the class folders and inside one: neither is a class."""
+    hidden = png_bytes(pattern(32, seed=9))
+    return {**files_, "train/.ipynb_checkpoints/0-checkpoint.png": hidden, "validation/.ipynb_checkpoints/x.png": hidden,
+            "train/cat/.ipynb_checkpoints/1-checkpoint.png": hidden}
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip", "tar"])
+def test_hidden_folders_are_not_classes(tmp_path, kind):
+    files_ = with_hidden_folders(imagefolder_files())
+    source = write_tree(tmp_path / "tree", files_)
+    if kind == "zip":
+        source = write_zip(tmp_path / "pets.zip", files_)
+        with zipfile.ZipFile(source, "a") as archive:
+            archive.writestr("train/.ipynb_checkpoints/", b"")  # directory entries too
+    elif kind == "tar":
+        with tarfile.open(tmp_path / "pets.tar", "w") as tar:
+            tar.add(source, arcname=".")
+        source = tmp_path / "pets.tar"
+    dataset = read_source("pets", folder_params(source))
+    assert dataset.classes == ["cat", "dog"]
+    assert not any(".ipynb_checkpoints" in name for split in dataset.splits.values() for name in split.names)
+    assert [len(split) for split in dataset.splits.values()] == [12, 12]
+
+
+def test_fifo_in_a_folder_source_is_refused_not_waited_on(tmp_path):
+    tree = write_tree(tmp_path / "tree", imagefolder_files())
+    os.mkfifo(tree / "train" / "cat" / "pipe.png")
+
+    def hung(*_):
+        raise AssertionError("the download waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(PipelineError, match=r"train/cat/pipe\.png: refusing special file \(a FIFO, socket or device"):
+            read_source("pets", folder_params(tree))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_decompressed_total_is_capped_from_the_zip_directory_before_reading(workspace, tmp_path, capsys, monkeypatch):
+    """Three highly compressible members, each under the per-member limit: their sum is refused,
+    from the sizes the zip declares, before any member is decompressed."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in imagefolder_files().items():
+            archive.writestr(name, data)
+        for i in range(3):
+            archive.writestr(f"train/cat/zeros{i}.png", b"\0" * 400_000)
+    assert bomb.stat().st_size < 100_000
+    workspace({"pets": {"source": "imagefolder", "path": str(bomb), "max_bytes": 1_000_000}})
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("a member was read"))
+    assert run_main(download.main, "pets") == 2
+    line = error_line(capsys.readouterr())
+    assert f"{bomb}: the files add up to more than 1,000,000 bytes decompressed" in line
+    assert line.endswith("raise data.pets.max_bytes")
+    assert not paths.raw("pets").exists()
+
+
+def test_decompressed_total_counts_the_bytes_read_not_only_the_headers(tmp_path):
+    budget = sources._Budget("src.zip", 250, "data.pets.max_bytes")
+    budget.read(io.BytesIO(b"\0" * 200), "a.png")
+    with pytest.raises(PipelineError, match=r"src\.zip: the files add up to more than 250 bytes decompressed \(251 or"):
+        budget.read(io.BytesIO(b"\0" * 200), "b.png")  # a header may say 0 bytes; 200 came out
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar", "npz"])
+def test_decompressed_total_is_capped_for_every_source(tmp_path, kind):
+    if kind == "npz":
+        source, cfg = write_npz(tmp_path / "big.npz"), dict(source="npz", channels=1)
+    else:
+        source, cfg = write_tree(tmp_path / "tree", imagefolder_files()), dict(source="imagefolder", channels=3)
+        if kind == "tar":
+            with tarfile.open(tmp_path / "pets.tar.gz", "w:gz") as tar:
+                tar.add(source, arcname=".")
+            source = tmp_path / "pets.tar.gz"
+    with pytest.raises(PipelineError, match=rf"{re.escape(str(source))}: the files add up to more than 5,000 bytes"):
+        read_source("pets", DataParams(path=str(source), max_bytes=5_000, **cfg))
+
+
+def test_kill_during_an_atomic_write_leaves_a_file_the_next_write_removes(tmp_path):
+    target = tmp_path / "raw" / "toy.npz"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\nfrom pathlib import Path\nfrom imgcls.files import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1])) as tmp:\n    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in target.parent.iterdir()]
+    assert len(leftovers) == 1 and re.fullmatch(r"\.toy\.npz\.\w{8}\.npz", leftovers[0])
+    (target.parent / ".toy.npz.notes").write_text("not ours")  # only atomic_path's own names are removed
+    files.save_npz(target, x=np.zeros(3))
+    assert sorted(p.name for p in target.parent.iterdir()) == [".toy.npz.notes", "toy.npz"]
 
 
 # ---------------------------------------------------------------- out of memory
@@ -505,6 +859,15 @@ def test_out_of_memory_anywhere_in_a_stage_is_one_line(capsys):
     assert "error: out of memory; lower data.<study>.limit" in error_line(capsys.readouterr())
     with pytest.raises(RuntimeError, match="a bug"):  # our bugs keep their traceback
         buggy_stage()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    @stage_main
+    def interrupted_stage():
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted_stage) == 130
+    assert error_line(capsys.readouterr()) == "error: interrupted"
 
 
 # ---------------------------------------------------------------- stages as subprocesses

@@ -27,7 +27,7 @@ def test_committed_params_are_valid():
     (lambda c: c["train"]["mnist"].update(epochs=-1), r"train\.mnist\.epochs: Input should be greater than 0"),
     (lambda c: c["train"]["mnist"]["model"].update(dropout_fc=1.0), r"dropout_fc: Input should be less than 1"),
     (lambda c: c["data"]["mnist"].update(source="ftp"), r"data\.mnist\.source: Input should be"),
-    (lambda c: c["data"]["mnist"].update(source="npz", path=None), r"source npz needs `path`"),
+    (lambda c: c["data"]["mnist"].update(source="npz", path=None, copy_sha256=None), r"source npz needs `path`"),
     (lambda c: c["train"]["mnist"].update(data="svhn"), r"train\.mnist\.data: unknown study 'svhn'"),
     (lambda c: c["train"]["mnist"]["model"].update(name="vgg"), r"train\.mnist\.model: Input tag 'vgg'"),
     (lambda c: c["tsne"].update(perplexity=0), r"tsne\.perplexity: Input should be greater than 0"),
@@ -44,3 +44,11 @@ def test_unknown_run_and_study():
         params.run(loaded, "svhn")
     with pytest.raises(PipelineError, match="unknown study 'svhn'"):
         params.study(loaded, "svhn")
+
+
+def test_reference_figures_are_validated_apart_from_params(tmp_path):
+    assert params.load_reference()["mnist"].errors == 102
+    bad = tmp_path / "reference.yaml"
+    bad.write_text("mnist: {best_val_acc: 98.98}\n")
+    with pytest.raises(PipelineError, match=r"reference\.yaml: mnist\.best_val_acc: Input should be less than or equal to 1"):
+        params.load_reference(bad)

@@ -2,12 +2,21 @@
 import json
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
 
-from imgcls import params
+from imgcls import params, paths
 from stages.report import seed_groups
+
+OUTCOMES = {"best_val_acc", "best_epoch", "final_val_acc", "final_val_loss", "n_params", "epochs"}
+TIMING = {"train_seconds", "seconds_per_epoch", "train_images_per_second", "device", "precision"}
+
+
+def rel(path) -> str:
+    """A path of imgcls.paths relative to the repository, for the throw-away copies."""
+    return str(path.relative_to(paths.ROOT))
 
 
 def stages_that_would_run(repo) -> set[str]:
@@ -21,40 +30,30 @@ def test_every_output_is_written(reproduced):
     for study in reproduced.params["data"]:
         prepared = np.load(root / f"data/prepared/{study}.npz")
         assert prepared["x_train"].dtype == np.uint8 and prepared["x_train"].ndim == 4
-        assert json.loads((root / f"metrics/data_{study}.json").read_text())["n_train"] == len(prepared["y_train"])
+        assert json.loads((root / rel(paths.data_summary(study))).read_text())["n_train"] == len(prepared["y_train"])
     for run in runs:
-        metrics = json.loads((root / f"metrics/{run}.json").read_text())
-        assert {"best_val_acc", "best_epoch", "final_val_loss", "n_params", "epochs", "train_seconds",
-                "device"} <= set(metrics)
+        metrics = json.loads((root / rel(paths.train_metrics(run))).read_text())
+        assert OUTCOMES <= set(metrics) and not TIMING & set(metrics)  # outcomes only (issue 12)
+        assert TIMING <= set(json.loads((root / rel(paths.timing(run))).read_text()))
         assert 0.0 <= metrics["best_val_acc"] <= 1.0 and metrics["epochs"] == 1
         embedded = np.load(root / f"data/embeddings/{run}.npz")
         assert len(embedded["features"]) == len(embedded["labels"]) == len(embedded["logits"])
-        assert (root / f"plots/{run}/live/plots/metrics/val/acc.tsv").exists()
-        for figure in ("learning_curves.png", "confusion.png", "tsne.png"):
-            assert (root / f"plots/{run}/{figure}").read_bytes()[:4] == b"\x89PNG"
-        header = (root / f"plots/{run}/tsne.csv").read_text().splitlines()[0]
-        assert header == "representation,x,y,class"
+        assert (root / rel(paths.history(run)) / "val" / "acc.tsv").exists()
+        for figure in (paths.learning_curves_png(run), paths.confusion_png(run), paths.tsne_png(run)):
+            assert (root / rel(figure)).read_bytes()[:4] == b"\x89PNG"
+        tsne = json.loads((root / rel(paths.tsne_points(run))).read_text())
+        assert {"representation", "x", "y", "class", "label"} == set(tsne[0])
+        evaluated = json.loads((root / rel(paths.eval_metrics(run))).read_text())
+        assert evaluated["accuracy"] == pytest.approx(metrics["best_val_acc"])
     report = (root / "report/report.md").read_text()
     assert "813,802" in report and "6,199,498" in report and "98.98%" in report
     for run in seed_groups(params.load(root / "params.yaml").train):  # seed replicas: in the seed table only
-        assert f"../plots/{run}/tsne.png" in report
+        assert f"../{rel(paths.tsne_png(run))}" in report
 
 
 def test_unchanged_workspace_reruns_nothing(reproduced):
     assert "Data and pipelines are up to date" in reproduced.dvc("status").stdout
     assert stages_that_would_run(reproduced) == set()
-
-
-def test_plots_render(reproduced, tmp_path):
-    reproduced.dvc("plots", "show", "-o", str(tmp_path / "html"))
-    assert "vega" in (tmp_path / "html" / "index.html").read_text()
-    shown = json.loads(reproduced.dvc("plots", "show", "--json").stdout)["data"]
-    assert {"mnist loss", "mnist accuracy", "plots/mnist/predictions.csv", "plots/mnist/tsne.png"} <= set(shown)
-    tsne = shown["plots/mnist/tsne.csv"][0]["content"]
-    assert tsne["encoding"]["color"]["field"] == "class" if "encoding" in tsne else \
-        tsne["spec"]["encoding"]["color"]["field"] == "class"
-    losses = shown["mnist loss"][0]["content"]["data"]["values"]
-    assert {row["filename"] for row in losses} == {"train/loss.tsv", "val/loss.tsv"}
 
 
 MNIST_CHAIN = {"train@mnist", "embed@mnist", "tsne@mnist", "report"}
@@ -83,3 +82,52 @@ def test_metrics_diff_shows_the_change(repo):
     repo.dvc("repro", "train@mnist")
     diff = json.loads(repo.dvc("metrics", "diff", "--json").stdout)
     assert diff["metrics/mnist.json"]["epochs"] == {"old": 1, "new": 2, "diff": 1}
+
+
+def copy_of(reproduced, tmp_path):
+    repo = type(reproduced)(tmp_path / "copy")
+    shutil.copytree(reproduced.root, repo.root, symlinks=True)
+    return repo
+
+
+def test_a_forced_rerun_with_the_same_seed_changes_no_metric(reproduced, tmp_path):
+    """Issue 12: the metrics files hold outcomes only, so re-running identical work on the CPU
+    leaves `dvc metrics diff` empty; the wall-clock timing (a plain output) may change."""
+    repo = copy_of(reproduced, tmp_path)
+    chain = ("train@mnist", "embed@mnist", "tsne@mnist")
+    assert set(re.findall(r"Running stage '([^']+)'", repo.dvc("repro", "-f", "-s", *chain).stdout)) == set(chain)
+    assert json.loads(repo.dvc("metrics", "diff", "--json").stdout) == {}
+    assert json.loads((repo.root / rel(paths.timing("mnist"))).read_text())["device"] == "cpu"
+
+
+# Issue 14: train@mnist fails after its first epoch was logged, as a bad batch would stop it.
+FAIL_IN_EPOCH_2 = """
+import sys
+import stages.train as train
+from imgcls.errors import PipelineError
+
+
+def fit(model, data, cfg, rt, seed, log_epoch, name):
+    log_epoch({"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "epoch_seconds": 0.1})
+    raise PipelineError(f"{name}: loss became non-finite in epoch 2")
+
+
+train.fit = fit
+train.main(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("how", ["non-finite loss", "after an epoch was logged"])
+def test_a_stopped_training_leaves_no_outputs(reproduced, tmp_path, how):
+    repo = copy_of(reproduced, tmp_path)
+    outputs = [paths.model("mnist"), paths.architecture("mnist"), paths.timing("mnist"), paths.train_metrics("mnist"),
+               paths.live("mnist")]
+    for path in map(lambda p: repo.root / rel(p), outputs):  # as `dvc repro` does before it runs the stage
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if how == "non-finite loss":
+        repo.set_params(**{"train.mnist.lr": 1e12, "train.mnist.optimizer": "sgd"})
+        result = repo.stage("train", "mnist")
+    else:
+        result = repo.run(sys.executable, "-c", FAIL_IN_EPOCH_2, "mnist", check=False)
+    assert result.returncode == 2, result.stderr
+    assert [rel(p) for p in outputs if (repo.root / rel(p)).exists()] == []

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from imgcls import images
 from imgcls.errors import PipelineError
 from imgcls.images import cross_split_duplicates, decode_file, decode_split
 from imgcls.sources import Split, stratified_subset
@@ -33,6 +34,38 @@ def test_mixed_sizes_need_image_size():
     with pytest.raises(PipelineError, match="image_size"):
         decode_split(split, "train", 3, None, "pets")
     assert decode_split(split, "train", 3, 6, "pets")[0].shape == (2, 3, 6, 6)
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def test_image_too_large_to_keep_at_native_size_is_skipped_unless_resized(monkeypatch):
+    """Just under PIL's limit an 86 KB file decodes to 268 MB: kept at native size, a few such files
+    took gigabytes. Over MAX_NATIVE_PIXELS the header alone rules it out; resized, it is decoded."""
+    monkeypatch.setattr(images, "MAX_NATIVE_PIXELS", 100)
+    with pytest.raises(images.UnusableImage, match=r"big\.png: too large to keep at native size \(16x16, over 100 "
+                                                   r"pixels; set data\.pets\.image_size to resize\)"):
+        decode_file(noise_png(16), "big.png", channels=3, size=None, study="pets")
+    assert decode_file(noise_png(16), "big.png", channels=3, size=8, study="pets").shape == (8, 8, 3)
+
+
+def test_decoded_images_are_capped_by_max_bytes():
+    split = Split(labels=np.array([0, 1, 0]), files=[noise_png(16, seed) for seed in range(3)], names=["a", "b", "c"])
+    with pytest.raises(PipelineError, match=r"^pets: the decoded train images need 1,536 bytes or more, over "
+                                            r"data\.pets\.max_bytes \(1,000\); lower data\.pets\.image_size \(now None\) "
+                                            r"or data\.pets\.limit, or raise data\.pets\.max_bytes$"):
+        decode_split(split, "train", 3, None, "pets", max_bytes=1000)
+    assert decode_split(split, "train", 3, 8, "pets", max_bytes=1000)[0].shape == (3, 3, 8, 8)
+    pixels = Split(labels=np.array([0, 1]), pixels=np.zeros((2, 20, 20, 3), np.uint8))
+    with pytest.raises(PipelineError, match=r"need 2,400 bytes or more, over data\.pets\.max_bytes \(1,000\)"):
+        decode_split(pixels, "train", 3, None, "pets", max_bytes=1000)
+
+
+def test_stratified_cap_that_cannot_be_drawn_is_one_line():
+    labels = np.array([0] * 10 + [1])  # class 1 has one image: nothing to stratify with
+    with pytest.raises(PipelineError, match=r"^data limit 5: no stratified subset of 11 images in 2 classes \("):
+        stratified_subset(labels, 5, seed=0)
 
 
 def test_gray_arrays_become_rgb_when_asked():

@@ -1,16 +1,27 @@
-"""The real dataset copies in ../shared (skipped only where that folder is absent)."""
+"""The real dataset copies in ../shared, through the committed params and the offline route
+(IMGCLS_DATASETS), skipped only where that folder is absent."""
 import json
+import subprocess
+import sys
 
 import pytest
+import yaml
 
-from tests.conftest import SHARED
+from tests.conftest import ROOT, SHARED
+
+COMMITTED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def offline(repo, study: str, **overrides) -> None:
+    """The study exactly as committed (found by copy_sha256 in the shared folder), plus overrides."""
+    repo.env["IMGCLS_DATASETS"] = str(SHARED)
+    repo.set_params(**{f"data.{study}": COMMITTED["data"][study]})
+    repo.set_params(**overrides)
 
 
 @pytest.mark.skipif(not (SHARED / "mnist.npz").exists(), reason="../shared/datasets/mnist.npz is absent")
 def test_mnist_chain_on_the_shared_copy(repo):
-    repo.set_params(**{"data.mnist.source": "npz", "data.mnist.path": str(SHARED / "mnist.npz"),
-                       "data.mnist.sha256": "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64",
-                       "data.mnist.limit": 3000, "train.mnist.epochs": 1})
+    offline(repo, "mnist", **{"data.mnist.limit": 3000, "train.mnist.epochs": 1})
     repo.dvc("repro", "tsne@mnist")
     data = json.loads((repo.root / "metrics/data_mnist.json").read_text())
     assert data["n_train"] == 3000 and data["n_val"] == 3000
@@ -23,16 +34,15 @@ def test_mnist_chain_on_the_shared_copy(repo):
 @pytest.mark.skipif(not (SHARED / "alien-vs-predator.zip").exists(),
                     reason="../shared/datasets/alien-vs-predator.zip is absent")
 def test_avp_data_on_the_shared_copy(repo, tmp_path):
-    """use_local + the committed manifest: all 894 files verified, the five PNGs named .jpg
-    decoded, the two train/validation duplicate pairs reported."""
-    repo.stage("use_local", str(SHARED), check=True)
-    repo.set_params(**{"data.avp.manifest": "manifests/avp.sha256"})
-    assert repo.params["data"]["avp"]["subdir"] is None
+    """The committed manifest: all 894 files verified, the five PNGs named .jpg decoded, the two
+    train/validation duplicate pairs reported; the manifest tool regenerates the same manifest."""
+    offline(repo, "avp")
     repo.dvc("repro", "preprocess@avp")
     data = json.loads((repo.root / "metrics/data_avp.json").read_text())
     assert data["n_train"] == 694 and data["n_val"] == 200
     assert sorted(data["duplicate_pairs"]) == [["train/predator/199.jpg", "validation/predator/1.jpg"],
                                                ["train/predator/247.jpg", "validation/predator/58.jpg"]]
     regenerated = tmp_path / "avp.sha256"
-    repo.stage("manifest", str(SHARED / "alien-vs-predator.zip"), str(regenerated), check=True)
-    assert regenerated.read_text() == (repo.root / "manifests/avp.sha256").read_text()
+    subprocess.run([sys.executable, "-m", "tools.manifest", str(SHARED / "alien-vs-predator.zip"), str(regenerated)],
+                   cwd=ROOT, check=True, capture_output=True)
+    assert regenerated.read_text() == (ROOT / "manifests/avp.sha256").read_text()

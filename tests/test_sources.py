@@ -131,6 +131,12 @@ def test_imagefolder_class_sets_must_agree(tmp_path):
         read_source("pets", folder_params(write_tree(tmp_path / "tree", files)))
 
 
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    files = {name: data for name, data in imagefolder_files().items() if "/dog/" not in name}
+    with pytest.raises(PipelineError, match=r"need at least two class folders, found \['cat'\]"):
+        read_source("pets", folder_params(write_tree(tmp_path / "tree", files)))
+
+
 def test_zip_slip_member_is_refused(tmp_path):
     files = {**imagefolder_files(), "../evil.png": b"x"}
     with pytest.raises(PipelineError, match="unsafe archive member"):

@@ -49,7 +49,6 @@ def origin(tmp_path_factory):
     params = repo.params
     params["data"] = {"mnist": params["data"]["mnist"]}
     params["train"] = {run: params["train"][run] for run in RUNS}
-    params["reference"] = {"mnist": params["reference"]["mnist"]}
     (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     repo.dvc("repro")
     storage = tmp_path_factory.mktemp("team-storage")
@@ -64,7 +63,7 @@ def test_pull_from_a_directory_remote_restores_everything(origin, tmp_path):
     teammate.dvc("pull")
     assert UP_TO_DATE in teammate.dvc("status").stdout
     assert ran(teammate.dvc("repro").stdout) == set()
-    for path in ("data/models/mnist.pt", "metrics/mnist.json", "plots/mnist/tsne.png", "report/report.md"):
+    for path in ("data/models/mnist.pt", "metrics/mnist.json", "plots/mnist/tsne/plots/images/tsne.png", "report/report.md"):
         assert md5(teammate.root / path) == md5(origin.root / path)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from imgcls.params import TrainParams
-from imgcls.training import Runtime, augment, fit, normalize, select_runtime
+from imgcls.training import Runtime, augment, fastest_settings, fit, normalize, select_runtime
 
 CPU_FP32 = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
 
@@ -29,6 +29,23 @@ def test_normalize_standardises_per_channel():
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     out = normalize(batch, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.25, 0.5]), CPU_FP32)
     assert torch.allclose(out[:, 1], torch.full((2, 4, 4), 2.0))
+
+
+@pytest.mark.parametrize("device, native_bf16, expected", [
+    ("cpu", True, (True, True)),     # AVX-512 BF16 / AMX: bf16 autocast + channels_last
+    ("cpu", False, (False, True)),   # AVX2 only: never emulated bf16; fp32 convolutions faster channels_last
+    ("cuda", True, (True, True)),    # Ampere and newer
+    ("cuda", False, (False, False)), # pre-Ampere: fp32, contiguous
+    ("mps", True, (False, False)),   # Apple GPUs: fp32, contiguous (untested here)
+])
+def test_auto_picks_the_fastest_settings_per_device_kind(device, native_bf16, expected):
+    assert fastest_settings(device, native_bf16) == expected
+
+
+def test_explicit_settings_override_auto():
+    assert fastest_settings("cpu", True, "fp32", "off") == (False, False)
+    assert fastest_settings("cpu", False, "bf16", "auto") == (True, True)
+    assert fastest_settings("mps", False, "auto", "on") == (False, True)
 
 
 def test_runtime_auto_and_explicit():
