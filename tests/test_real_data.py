@@ -23,7 +23,7 @@ def offline(repo, study: str, **overrides) -> None:
 def test_mnist_chain_on_the_shared_copy(repo):
     offline(repo, "mnist", **{"data.mnist.limit": 3000, "train.mnist.epochs": 1})
     repo.dvc("repro", "tsne@mnist")
-    data = json.loads((repo.root / "metrics/data_mnist.json").read_text())
+    data = json.loads((repo.root / "data/prepared/mnist.json").read_text())
     assert data["n_train"] == 3000 and data["n_val"] == 3000
     assert abs(data["mean"][0] - 0.1307) < 0.01  # MNIST's well-known pixel mean
     metrics = json.loads((repo.root / "metrics/mnist.json").read_text())
@@ -38,7 +38,7 @@ def test_avp_data_on_the_shared_copy(repo, tmp_path):
     train/validation duplicate pairs reported; the manifest tool regenerates the same manifest."""
     offline(repo, "avp")
     repo.dvc("repro", "preprocess@avp")
-    data = json.loads((repo.root / "metrics/data_avp.json").read_text())
+    data = json.loads((repo.root / "data/prepared/avp.json").read_text())
     assert data["n_train"] == 694 and data["n_val"] == 200
     assert sorted(data["duplicate_pairs"]) == [["train/predator/199.jpg", "validation/predator/1.jpg"],
                                                ["train/predator/247.jpg", "validation/predator/58.jpg"]]
