@@ -10,7 +10,6 @@ under TOLERANCE and every predicted class must agree.
 """
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 

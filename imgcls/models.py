@@ -1,6 +1,6 @@
 """The studies' networks.  Every model's forward returns ``(logits, features)``: the logits and
 an intermediate representation (the flattened convolutional features that enter the
-classifier), as the seed's AlexNet does; embed and tsne use both.
+classifier), as the reference's AlexNet does; embed and tsne use both.
 
 A model whose weights expect a fixed input normalisation declares it as ``input_stats``
 (mean, std per channel); the others are fed the training split's own statistics."""
@@ -16,7 +16,7 @@ from imgcls.files import sha256
 
 
 class SimpleCNN(nn.Module):
-    """The seed's MNIST network: 813,802 parameters at 1x28x28, 10 classes."""
+    """The reference's MNIST network: 813,802 parameters at 1x28x28, 10 classes."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  dropout_conv: float = 0.25, dropout_fc: float = 0.5):
@@ -42,7 +42,7 @@ class SimpleCNN(nn.Module):
 
 
 class AlexNet(nn.Module):
-    """The seed's AlexNet variant for 32x32 RGB, exactly as printed in the report (6,199,498
+    """The reference's AlexNet variant for 32x32 RGB, exactly as printed in the report (6,199,498
     parameters; pooling before ReLU as in its code)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, dropout_fc: float = 0.5):
@@ -267,7 +267,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
-    """Per leaf layer: name, output shape and trainable parameters (the seed's summary table).
+    """Per leaf layer: name, output shape and trainable parameters (the reference's summary table).
 
     A layer with weights of its own and sub-layers too (timm's BatchNormAct2d) gets a row
     for its own weights, so that the rows add up to the model's total."""

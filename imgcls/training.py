@@ -226,18 +226,22 @@ def make_optimizer(model, cfg):
 
 
 def make_scheduler(optimizer, cfg, steps_per_epoch: int):
+    """Per-batch learning-rate schedule from torch's own schedulers; None for a constant rate.
+
+    warmup_cosine: the rate rises linearly to cfg.lr over the warm-up steps (1/W, 2/W, ... of it),
+    then follows a cosine to 0 at the last step.
+    """
+    total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "warmup_cosine":
-        warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
-
-        def factor(step: int) -> float:  # multiplier of cfg.lr before optimizer step `step + 1`
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return None
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule != "warmup_cosine":
+        return None
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    rise = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [rise, cosine], milestones=[warmup])
 
 
 def fit(model, data: dict, cfg, rt: Runtime, seed: int, on_epoch=None, name: str = "train"):

@@ -1,5 +1,6 @@
 """Alien vs Predator (seed section 3): the pretrained backbone, the four methods, the data checks."""
 import io
+import math
 import json
 import re
 import urllib.error
@@ -134,18 +135,20 @@ def test_resized_crop_and_jitter_keep_the_batch_format_and_vary_per_image():
     assert (jittered.float().std(dim=(1, 2, 3)) < 1).all()  # a flat grey image stays flat and grey
 
 
-def test_warmup_cosine_schedule():
+@pytest.mark.parametrize("warmup_epochs", [0, 0.1, 1])
+def test_warmup_cosine_schedule(warmup_epochs):
+    """Step k of W warm-up steps runs at (k+1)/W of lr; then a cosine over the remaining T-W steps to 0."""
     cfg = TrainParams(data="avp", model={"name": "simple_cnn"}, epochs=4, lr=1.0, schedule="warmup_cosine",
-                      warmup_epochs=1)
+                      warmup_epochs=warmup_epochs)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
-    rates = []
-    for _ in range(40):
-        rates.append(optimizer.param_groups[0]["lr"])
+    warmup, total = round(warmup_epochs * 10), 40
+    for step in range(total):
+        expected = ((step + 1) / warmup if step < warmup
+                    else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), step
         optimizer.step()
         scheduler.step()
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.01
 
 
 @pytest.mark.parametrize("change, message", [

@@ -33,7 +33,7 @@ from imgcls.errors import PipelineError, stage_main
 from imgcls.params import DataParams
 from imgcls.images import UnusableImage, decode_file
 from imgcls.sources import read_source
-from stages import download, embed, preprocess, tsne
+from stages import download, preprocess, tsne
 from tests.conftest import ROOT, imagefolder_files, png_bytes, write_npz, write_tree, write_zip
 
 

@@ -119,7 +119,7 @@ def test_the_page_template_inlines_the_pinned_vendored_bundles():
     page = (ROOT / ".dvc" / template).read_text()
     assert "{plot_divs}" in page and "{scripts}" not in page and "<script src" not in page
     versions = json.loads((ROOT / ".dvc" / "plots" / "vendor" / "VERSIONS.json").read_text())
-    inlined = re.findall(r"<script>/\* (\S+)@(\S+) [^\n]*\*/\n(.*?)\n</script>", page, flags=re.S)
+    inlined = re.findall(r"<script>/\* (\S+)@(\S+) [^\n]*\*/\n(.*?)</script>", page, flags=re.S)
     assert [(name, version) for name, version, _ in inlined] == [(n, v["version"]) for n, v in versions.items()]
     for name, _, bundle in inlined:
         assert hashlib.sha256(bundle.encode()).hexdigest() == versions[name]["sha256"], name

@@ -4,7 +4,7 @@ renders with no network (DVC's default page loads them from a CDN).
     cd /tmp && npm pack vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
     python -m tools.vendor_vega /tmp/vega-5.33.1.tgz /tmp/vega-lite-5.23.0.tgz /tmp/vega-embed-6.29.0.tgz
 
-Takes each package's built, minified browser bundle verbatim (build/<name>.min.js) and writes
+Takes each package's built, minified browser bundle byte for byte (build/<name>.min.js) and writes
 .dvc/plots/page.html (DVC config `plots.html_template`) with the three inlined, in load order;
 a page written anywhere (`dvc plots show -o <dir>`) carries them. Each package's LICENSE goes
 to .dvc/plots/vendor/LICENSE-<name> (vega's tarball has none: its repository's LICENSE, kept
@@ -96,7 +96,7 @@ def main(*tarballs: str) -> None:
         if "</script" in bundle or any(mark in bundle for mark in PLACEHOLDERS):
             raise PipelineError(f"vendor_vega: {name}'s bundle cannot be inlined (holds </script or a DVC placeholder)")
         scripts.append(f"<script>/* {name}@{package['version']} ({package['license']}, "
-                       f"vendor/LICENSE-{name}) */\n{bundle.strip()}\n</script>\n")
+                       f"vendor/LICENSE-{name}) */\n{bundle}</script>\n")
         versions[name] = {"version": package["version"], "file": f"package/build/{name}.min.js",
                           "sha256": hashlib.sha256(package["bundle"].encode()).hexdigest(),
                           "license": package["license"], "peerDependencies": package["peers"]}
