@@ -42,12 +42,14 @@ class Runtime:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX; elsewhere (AVX2-only CPUs) bf16 is emulated, hundreds of times slower."""
+    """AVX-512 BF16 or AMX, and oneDNN allowed to use them (ONEDNN_MAX_CPU_ISA can hold it to
+    AVX2); elsewhere bf16 is emulated, hundreds of times slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    # PyTorch's own check of oneDNN's bf16 path (private, also used by its tests); it honours the ISA limit
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def fastest_settings(device_type: str, native_bf16: bool, precision: str = "auto",

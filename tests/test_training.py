@@ -1,9 +1,14 @@
 """The shared training loop: augmentation, normalisation, runtime choice, determinism."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from imgcls.params import TrainParams
-from imgcls.training import Runtime, augment, fastest_settings, fit, normalize, select_runtime
+from imgcls.paths import ROOT
+from imgcls.training import Runtime, augment, cpu_has_native_bf16, fastest_settings, fit, normalize, select_runtime
 
 CPU_FP32 = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
 
@@ -40,6 +45,15 @@ def test_normalize_standardises_per_channel():
 ])
 def test_auto_picks_the_fastest_settings_per_device_kind(device, native_bf16, expected):
     assert fastest_settings(device, native_bf16) == expected
+
+
+def test_an_isa_limit_to_avx2_rules_out_bf16_on_any_cpu():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX2-only CPU is approximated) leaves oneDNN no native bf16."""
+    probe = "from imgcls.training import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    limited = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert limited.stdout.split() == ["False"]
+    assert select_runtime("cpu").bf16 == cpu_has_native_bf16()
 
 
 def test_explicit_settings_override_auto():
