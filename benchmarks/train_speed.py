@@ -1,15 +1,19 @@
-"""Images/s of the project's train step and embedding pass against a seed-style loop, on the
-same model and data, in one process:
+"""Images/s of the project's train step and embedding pass against a reference-style loop, on
+the same model and data, in one process, and how close each is to the hardware:
 
-    python -m benchmarks.train_speed [--steps 50] [--batch-size 128] [--device auto] ...
+    python -m benchmarks.train_speed [--steps 50] [--batch-size 128] [--device auto] [--epoch] ...
 
-The project path is stages.training itself (`fit` and `infer`: uint8 tensors in memory,
-normalised per batch, precision and layout chosen by `select_runtime`).  The seed-style path is
-what the practical's notebooks do: a torchvision-style dataset that makes a PIL image of each
-item and applies ToTensor + Normalize, a DataLoader, fp32, contiguous tensors, `.item()` every
-step.  Before timing, both paths compute the fp32 loss of one batch from the same weights, so the
-comparison is shown to be like for like.  Data: each study's prepared arrays
-(data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
+The project path is imgcls.training itself (`fit` and `infer`: uint8 tensors in memory,
+normalised per batch, precision and layout chosen by `select_runtime`).  The reference-style
+path is what the practical's notebooks do: a torchvision-style dataset that makes a PIL image of
+each item and applies ToTensor + Normalize, a DataLoader, fp32, contiguous tensors, `.item()`
+every step.  Before timing, both paths compute the fp32 loss of one batch from the same weights,
+so the comparison is shown to be like for like.  The train step's FLOPs are counted
+(torch.utils.flop_counter) and set against the machine's measured fp32 and bf16 matrix-product
+peaks.  `--epoch` adds one full epoch of each study (the train stage's `fit`, validation
+included) against one full reference-style epoch, and the share of the project's epoch spent
+outside the model step.  Data: each study's prepared arrays (data/prepared/<study>.npz) unless
+a Keras-layout npz is given (--mnist, --cifar10).
 """
 import argparse
 import contextlib
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -31,9 +36,11 @@ from torchvision import transforms
 
 from imgcls import models, paths
 from imgcls.params import TrainParams
-from imgcls.training import Runtime, fit, infer, select_runtime
+from imgcls.training import Runtime, fit, infer, input_stats, make_optimizer, normalize, select_runtime
 
 STUDY_MODELS = {"mnist": "simple_cnn", "cifar10": "alexnet"}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the kernels PyTorch and oneDNN run
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # set: an emulation of an older CPU (docs/speed.md)
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]  # (bf16, channels_last)
 
 
@@ -60,7 +67,7 @@ def load_arrays(path: Path) -> dict:
     return out
 
 
-class SeedStyleDataset(Dataset):
+class ReferenceStyleDataset(Dataset):
     """What torchvision's MNIST/CIFAR10 do per item: a PIL image from HW(C) uint8, then transform."""
 
     def __init__(self, images_nchw: np.ndarray, labels: np.ndarray, mean, std):
@@ -101,7 +108,7 @@ def project_fit(model, images, labels, arrays, cfg, rt: Runtime, seed: int = 0) 
     return len(images) / history[0]["epoch_seconds"], history[0]["train_loss"]
 
 
-def seed_train(model, loader: DataLoader, device: torch.device, steps: int, warmup: int) -> float:
+def reference_train(model, loader: DataLoader, device: torch.device, steps: int, warmup: int) -> float:
     """The notebook loop: fp32, per-item transforms through the DataLoader, .item() each step."""
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -124,8 +131,8 @@ def seed_train(model, loader: DataLoader, device: torch.device, steps: int, warm
     return images / (time.perf_counter() - started)
 
 
-def seed_loss(model, dataset: Dataset, device: torch.device) -> float:
-    """Loss of the whole (small) dataset as one training batch, the seed's way."""
+def reference_loss(model, dataset: Dataset, device: torch.device) -> float:
+    """Loss of the whole (small) dataset as one training batch, the reference's way."""
     model.to(device).train()
     x, y = next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=True)))
     logits, _ = model(x.to(device))
@@ -133,7 +140,7 @@ def seed_loss(model, dataset: Dataset, device: torch.device) -> float:
 
 
 def same_loss(study: str, arrays: dict, device: torch.device, n: int = 64, seed: int = 0) -> tuple[float, float]:
-    """fp32 loss of the same n images through the project's fit and the seed-style path, same weights.
+    """fp32 loss of the same n images through the project's fit and the reference-style path, same weights.
 
     Dropout is switched off so that the batch order (fit shuffles) cannot change the result.
     """
@@ -143,9 +150,9 @@ def same_loss(study: str, arrays: dict, device: torch.device, n: int = 64, seed:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    seed_model = copy.deepcopy(model)
+    reference_model = copy.deepcopy(model)
     _, project = project_fit(model, images, labels, arrays, cfg, Runtime(device, bf16=False, channels_last=False), seed)
-    return project, seed_loss(seed_model, SeedStyleDataset(images, labels, arrays["mean"], arrays["std"]), device)
+    return project, reference_loss(reference_model, ReferenceStyleDataset(images, labels, arrays["mean"], arrays["std"]), device)
 
 
 def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: int) -> float:
@@ -161,7 +168,7 @@ def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: in
 
 
 @torch.no_grad()
-def seed_embed(model, loader: DataLoader, device: torch.device) -> float:
+def reference_embed(model, loader: DataLoader, device: torch.device) -> float:
     model.to(device).eval()
     for x, _ in loader:  # warm-up batch
         model(x.to(device))
@@ -174,12 +181,128 @@ def seed_embed(model, loader: DataLoader, device: torch.device) -> float:
     return images / (time.perf_counter() - started)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """GFLOP/s of square matrix products in `dtype`: what this machine's kernels reach at best.
+
+    The size halves while one product takes over a tenth of `seconds` (bf16 is emulated, hundreds
+    of times slower, on AVX2-only CPUs), so the measurement lasts about `seconds` everywhere.
+    """
+    size = 2048
+    while True:
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        a @ b
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if time.perf_counter() - started <= seconds / 10 or size <= 256:
+            break
+        size //= 2
+    products, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or products < 3:
+        a @ b
+        synchronize(device)
+        products += 1
+    return 2 * size ** 3 * products / elapsed / 1e9
+
+
+def step_flops(model, arrays: dict, batch_size: int, device: torch.device) -> float:
+    """FLOPs per image of one training step (forward and backward), counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).to(device).train()
+    index = cycle(batch_size, len(arrays["x_train"]))
+    images = torch.from_numpy(arrays["x_train"][index]).to(device).float() / 255
+    labels = torch.from_numpy(arrays["y_train"][index]).to(device)
+    with FlopCounterMode(display=False) as counter:
+        logits, _ = model(images)
+        F.cross_entropy(logits, labels).backward()
+    return counter.get_total_flops() / batch_size
+
+
+def step_only(model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int) -> float:
+    """Seconds of the model step alone (forward, loss, backward, optimizer) on one batch already
+    normalised in place: the floor an epoch of the train loop could reach."""
+    model = rt.place(copy.deepcopy(model)).train()
+    optimizer = make_optimizer(model, cfg)
+    host = {key: torch.from_numpy(np.ascontiguousarray(arrays[key])).to(rt.device) for key in arrays}
+    mean, std = input_stats(model, host["mean"], host["std"])
+    images = normalize(host["x_train"][:cfg.batch_size], mean, std, rt)
+    labels = host["y_train"][:cfg.batch_size]
+
+    def step():
+        with rt.autocast():
+            logits, _ = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    synchronize(rt.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(rt.device)
+    return (time.perf_counter() - started) / steps
+
+
+@torch.no_grad()
+def reference_evaluate(model, loader: DataLoader, device: torch.device) -> None:
+    """The notebook's validation pass: fp32, `.item()` per batch."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss()
+    for x, y in loader:
+        logits, _ = model(x.to(device))
+        criterion(logits, y.to(device)).item()
+        (logits.argmax(1) == y.to(device)).sum().item()
+
+
+def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int, seed: int = 0) -> dict:
+    """Seconds of one full epoch (every training image once, then the validation split) through
+    the train stage's `fit` and through the reference-style loop, and of the project's model step
+    alone for as many batches (timed over `steps` after `warmup`)."""
+    def to(array):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
+
+    data = {key: to(arrays[key]) for key in ("x_train", "y_train", "x_val", "y_val", "mean", "std")}
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit(copy.deepcopy(model), data, cfg, rt, seed)
+    synchronize(rt.device)
+    project = time.perf_counter() - started
+    epoch_steps = -(-len(arrays["x_train"]) // cfg.batch_size)
+    step_alone = epoch_steps * step_only(model, arrays, cfg, rt, steps, warmup)
+    progress(f"{study}: full epoch, project {project:.1f} s (model step alone {step_alone:.1f} s)")
+    train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
+    val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
+    reference_model = copy.deepcopy(model)
+    started = time.perf_counter()
+    reference_train(reference_model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True), rt.device,
+                    steps=epoch_steps, warmup=0)
+    reference_evaluate(reference_model, DataLoader(val, batch_size=cfg.batch_size), rt.device)
+    synchronize(rt.device)
+    reference = time.perf_counter() - started
+    progress(f"{study}: full epoch, reference-style {reference:.1f} s")
+    return {"project": project, "reference": reference, "ratio": reference / project, "step_alone": step_alone,
+            "outside_step": 1 - step_alone / project}
+
+
 def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int = 128, embed_batches: int = 10,
         embed_batch_size: int = 500, device: str = "auto", workers: int = 0, repeats: int = 3,
-        matrix: bool = True, seed: int = 0) -> dict:
+        matrix: bool = True, epoch: bool = False, peak_seconds: float = 1.0, seed: int = 0) -> dict:
     """Measure every study in `data` ({study: npz path}); images/s are medians over `repeats`."""
     rt = select_runtime(device)
-    results = {"runtime": rt, "studies": {}}
+    peaks = {name: matmul_peak(dtype, rt.device, peak_seconds)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    progress("matrix-product peaks: " + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items()))
+    results = {"runtime": rt, "peaks": peaks, "studies": {}}
     for study, path in data.items():
         arrays = load_arrays(path)
         torch.manual_seed(seed)
@@ -187,11 +310,11 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
         train_idx = cycle(steps * batch_size, len(arrays["x_train"]))
         images, labels = arrays["x_train"][train_idx], arrays["y_train"][train_idx]
         warm = cycle(warmup * batch_size, len(arrays["x_train"]))
-        loader = DataLoader(SeedStyleDataset(images, labels, arrays["mean"], arrays["std"]), batch_size=batch_size,
+        loader = DataLoader(ReferenceStyleDataset(images, labels, arrays["mean"], arrays["std"]), batch_size=batch_size,
                             shuffle=True, num_workers=workers)
         layouts = LAYOUTS if matrix else [(rt.bf16, rt.channels_last)]
         speeds = {layout: [] for layout in layouts}
-        seed_speeds = []
+        reference_speeds = []
         for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both paths
             for bf16, channels_last in layouts:
                 layout_rt = Runtime(rt.device, bf16, channels_last)
@@ -201,27 +324,29 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
                     project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
                 progress(f"{study}: train step, project {layout_name(bf16, channels_last)}: "
                          f"{speeds[(bf16, channels_last)][-1]:,.0f} img/s")
-            seed_speeds.append(seed_train(copy.deepcopy(model), loader, rt.device, steps, warmup))
-            progress(f"{study}: train step, seed-style fp32: {seed_speeds[-1]:,.0f} img/s")
+            reference_speeds.append(reference_train(copy.deepcopy(model), loader, rt.device, steps, warmup))
+            progress(f"{study}: train step, reference-style fp32: {reference_speeds[-1]:,.0f} img/s")
         val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
         val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
-        val_loader = DataLoader(SeedStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"]),
+        val_loader = DataLoader(ReferenceStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"]),
                                 batch_size=embed_batch_size, num_workers=workers)
-        project_embeds, seed_embeds = [], []
+        project_embeds, reference_embeds = [], []
         for _ in range(repeats):
             project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
-            seed_embeds.append(seed_embed(copy.deepcopy(model), val_loader, rt.device))
+            reference_embeds.append(reference_embed(copy.deepcopy(model), val_loader, rt.device))
             progress(f"{study}: embedding, project {project_embeds[-1]:,.0f} img/s, "
-                     f"seed-style {seed_embeds[-1]:,.0f} img/s")
+                     f"reference-style {reference_embeds[-1]:,.0f} img/s")
         median = {layout: statistics.median(values) for layout, values in speeds.items()}
-        train = {"project": median[(rt.bf16, rt.channels_last)], "seed": statistics.median(seed_speeds)}
-        embed = {"project": statistics.median(project_embeds), "seed": statistics.median(seed_embeds)}
+        train = {"project": median[(rt.bf16, rt.channels_last)], "reference": statistics.median(reference_speeds)}
+        embed = {"project": statistics.median(project_embeds), "reference": statistics.median(reference_embeds)}
         results["studies"][study] = {
             "model": type(model).__name__,
             "same_loss": same_loss(study, arrays, rt.device, seed=seed),
-            "train": {**train, "ratio": train["project"] / train["seed"]},
-            "embed": {**embed, "ratio": embed["project"] / embed["seed"]},
+            "train": {**train, "ratio": train["project"] / train["reference"]},
+            "embed": {**embed, "ratio": embed["project"] / embed["reference"]},
             "matrix": median if matrix else {},
+            "flops_per_image": step_flops(model, arrays, batch_size, rt.device),
+            "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, seed) if epoch else None,
         }
     return results
 
@@ -231,14 +356,21 @@ def progress(message: str) -> None:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
+    """CPU model and the flags that decide its kernels (and any ISA limit set), GPU, versions."""
+    model, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    limits = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if name in os.environ]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{model}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads){gpu}; "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (f"{model} ({' '.join(present) or 'none of ' + ' '.join(CPU_FLAGS)}"
+            f"{'; limited by ' + ' '.join(limits) if limits else ''}), {os.cpu_count()} CPUs "
+            f"({torch.get_num_threads()} torch threads){gpu}; torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def load() -> str:
@@ -250,29 +382,52 @@ def layout_name(bf16: bool, channels_last: bool) -> str:
             (True, True): "bf16 + channels_last"}[(bf16, channels_last)]
 
 
+def achieved(r: dict, speed: float, peak: float) -> str:
+    """GFLOP/s of a train step at `speed` img/s, and its share of the matrix-product peak."""
+    gflops = r["flops_per_image"] * speed / 1e9
+    return f"{gflops:,.1f} ({gflops / peak:.0%})"
+
+
 def report(results: dict, args) -> str:
-    rt = results["runtime"]
+    rt, peaks = results["runtime"], results["peaks"]
     auto = layout_name(rt.bf16, rt.channels_last)
+    project_peak = peaks["bf16" if rt.bf16 else "fp32"]
     lines = [f"machine: {machine()}", f"device: {rt.device}; auto precision/layout: {auto}",
+             f"matrix-product peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s",
              f"train: batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up; embed: "
              f"{args.embed_batches} batches of {args.embed_batch_size}; DataLoader workers {args.workers}; "
              f"median of {args.repeats}", ""]
-    lines += ["| study | model | fp32 loss, project / seed-style (same batch) | train img/s, project "
-              f"({auto}) | train img/s, seed-style (fp32) | ratio | embed img/s, project | embed img/s, "
-              "seed-style | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| study | model | fp32 loss, project / reference-style (same batch) | MFLOP per image (train step) | "
+              f"train img/s, project ({auto}) | GFLOP/s (of {'bf16' if rt.bf16 else 'fp32'} peak) | train img/s, "
+              "reference-style (fp32) | GFLOP/s (of fp32 peak) | ratio | embed img/s, project | embed img/s, "
+              "reference-style | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for study, r in results["studies"].items():
-        project_loss, seed = r["same_loss"]
-        lines.append(f"| {study} | {r['model']} | {project_loss:.6f} / {seed:.6f} | {r['train']['project']:,.0f} | "
-                     f"{r['train']['seed']:,.0f} | {r['train']['ratio']:.2f}x | {r['embed']['project']:,.0f} | "
-                     f"{r['embed']['seed']:,.0f} | {r['embed']['ratio']:.2f}x |")
+        project_loss, reference = r["same_loss"]
+        train, embed = r["train"], r["embed"]
+        lines.append(f"| {study} | {r['model']} | {project_loss:.6f} / {reference:.6f} | "
+                     f"{r['flops_per_image'] / 1e6:.1f} | {train['project']:,.0f} | "
+                     f"{achieved(r, train['project'], project_peak)} | {train['reference']:,.0f} | "
+                     f"{achieved(r, train['reference'], peaks['fp32'])} | {train['ratio']:.2f}x | "
+                     f"{embed['project']:,.0f} | {embed['reference']:,.0f} | {embed['ratio']:.2f}x |")
     if any(r["matrix"] for r in results["studies"].values()):
-        lines += ["", "Project train step by precision/layout, img/s (ratio to fp32):", "",
+        lines += ["", "Project train step by precision/layout, img/s (ratio to fp32; GFLOP/s and share of the "
+                  "peak of its precision):", "",
                   "| study | " + " | ".join(layout_name(*layout) for layout in LAYOUTS) + " |",
                   "|---|" + "---|" * len(LAYOUTS)]
         for study, r in results["studies"].items():
             fp32 = r["matrix"][(False, False)]
             lines.append(f"| {study} ({r['model']}) | " + " | ".join(
-                f"{r['matrix'][layout]:,.0f} ({r['matrix'][layout] / fp32:.2f}x)" for layout in LAYOUTS) + " |")
+                f"{r['matrix'][layout]:,.0f} ({r['matrix'][layout] / fp32:.2f}x; "
+                f"{achieved(r, r['matrix'][layout], peaks['bf16' if layout[0] else 'fp32'])})"
+                for layout in LAYOUTS) + " |")
+    if any(r["epoch"] for r in results["studies"].values()):
+        lines += ["", "One full epoch (all training images, then the validation split), seconds:", "",
+                  f"| study | project `fit` ({auto}) | of which outside the model step | reference-style loop "
+                  "(fp32) | ratio |", "|---|---|---|---|---|"]
+        for study, r in results["studies"].items():
+            e = r["epoch"]
+            lines.append(f"| {study} | {e['project']:.1f} | {e['project'] - e['step_alone']:.1f} "
+                         f"({e['outside_step']:.1%}) | {e['reference']:.1f} | {e['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -288,10 +443,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--embed-batches", type=int, default=10)
     parser.add_argument("--embed-batch-size", type=int, default=500)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--workers", type=int, default=0, help="seed-style DataLoader worker processes")
+    parser.add_argument("--workers", type=int, default=0, help="reference-style DataLoader worker processes")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (median reported)")
     parser.add_argument("--no-matrix", dest="matrix", action="store_false",
                         help="skip the fp32/channels_last/bf16 matrix (measure only the auto choice)")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="time per matrix-product peak measurement")
+    parser.add_argument("--epoch", action="store_true",
+                        help="add one full epoch per study: the train stage's fit against the reference-style loop")
     args = parser.parse_args(argv)
     for study in args.studies:
         if not getattr(args, study).exists():
@@ -300,7 +458,8 @@ def main(argv=None) -> dict:
     results = run({study: getattr(args, study) for study in args.studies}, steps=args.steps, warmup=args.warmup,
                   batch_size=args.batch_size, embed_batches=args.embed_batches,
                   embed_batch_size=args.embed_batch_size, device=args.device, workers=args.workers,
-                  repeats=args.repeats, matrix=args.matrix)
+                  repeats=args.repeats, matrix=args.matrix, epoch=args.epoch,
+                  peak_seconds=args.peak_seconds)
     print(report(results, args))
     print(f"\nload average (1, 5, 15 min): before {load_before}, after {load()}")
     return results

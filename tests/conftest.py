@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated datasets and throw-away copies of the repository."""
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 # What a stage needs to run: everything git tracks except tests and docs.
 REPO_FILES = ("stages", "imgcls", "sources", "dvc.yaml", "params.yaml", "reference.yaml", "manifests", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
               ".dvcignore", ".gitignore")
+HOOKS = ROOT / "tests" / "hooks"  # sitecustomize: which stages ran, and a pause for the kill test
 TEST_IMAGE_SIZE = 48  # cap on generated image sides: ImageNet backbones take any size >= 32
 
 
@@ -82,9 +84,11 @@ class Repo:
 
     def __init__(self, root: Path):
         self.root = root
+        self.stage_log = root.parent / f".{root.name}.stages"  # outside the repository: no DVC or git sees it
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "IMGCLS_STAGE_LOG": str(self.stage_log),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))}
 
     def run(self, *args, check=True) -> subprocess.CompletedProcess:
         result = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
@@ -94,6 +98,17 @@ class Repo:
 
     def dvc(self, *args, check=True):
         return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def stages_run(self, *args) -> set[str]:
+        """Run `dvc *args`; the stages whose commands ran meanwhile, as the stage processes
+        recorded them (tests/hooks), not as DVC words its output."""
+        self.stage_log.write_text("")
+        self.dvc(*args)
+        return set(self.stage_log.read_text().split())
+
+    def status(self, *targets) -> dict:
+        """`dvc status --json`: {} when every stage is up to date."""
+        return json.loads(self.dvc("status", "--json", *targets).stdout)
 
     def stage(self, module: str, *args, check=False):
         return self.run(sys.executable, "-m", f"stages.{module}", *args, check=check)

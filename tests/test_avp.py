@@ -253,13 +253,14 @@ def test_each_method_trains_embeds_and_projects(reproduced):
     root = reproduced.root
     for run in METHOD_RUNS:
         metrics = json.loads((root / f"metrics/{run}.json").read_text())
-        assert metrics["epochs"] == 1 and 0.0 <= metrics["best_val_acc"] <= 1.0
+        assert metrics["epochs"] == 1
         embedded = np.load(root / f"data/embeddings/{run}.npz")
         assert embedded["features"].shape[1] == 1280 and embedded["logits"].shape[1] == 2
         # the checkpoint predicts the validation set as training measured it
         assert float((embedded["predictions"] == embedded["labels"]).mean()) == pytest.approx(metrics["best_val_acc"])
         tsne = json.loads((root / f"metrics/tsne_{run}.json").read_text())
-        assert 0.0 <= tsne["svm_2d_acc_logits"] <= 1.0
+        assert tsne["svm_2d_acc_logits"] * len(embedded["labels"]) == pytest.approx(
+            round(tsne["svm_2d_acc_logits"] * len(embedded["labels"])))  # a share of the validation images
     scratch = torch.load(root / "data/models/avp_scratch.pt", weights_only=True)
     assert scratch["input_shape"] == [3, 32, 32] and scratch["input_size"] == 32
     assert json.loads((root / "metrics/avp_svm.json").read_text())["best_val_acc"] >= 0.9  # ImageNet features + SVM

@@ -40,10 +40,10 @@ def test_two_cpu_ranks_match_one_process(repo, tmp_path):
     repo.set_params(**{"data.mnist.path": str(data), "train.mnist.batch_size": 32, "train.mnist.device": "cpu",
                        "train.mnist.nproc": 2})
     repo.commit("two ranks")
-    output = repo.dvc("repro", "train@mnist").stdout
-    assert "2 process(es)" in output
+    assert repo.stages_run("repro", "train@mnist") == {"train@mnist"}
+    assert repo.stage_log.read_text().split().count("train@mnist") == 3  # the launcher and its two ranks
     distributed = json.loads((repo.root / "metrics/mnist.json").read_text())
-    assert distributed["epochs"] == 1 and 0.0 <= distributed["best_val_acc"] <= 1.0
+    assert distributed["epochs"] == 1
     checkpoint = torch.load(repo.root / "data/models/mnist.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
     assert all(torch.isfinite(value.float()).all() for value in checkpoint["state_dict"].values())
