@@ -40,7 +40,7 @@ from imgcls.training import Runtime, fit, infer, input_stats, make_optimizer, no
 
 STUDY_MODELS = {"mnist": "simple_cnn", "cifar10": "alexnet"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the kernels PyTorch and oneDNN run
-ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # set: an emulation of an older CPU (docs/speed.md)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # set: an older CPU emulated (docs/speed.md)
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]  # (bf16, channels_last)
 
 
@@ -97,7 +97,7 @@ def build_model(study: str, arrays: dict, batch_size: int) -> tuple[nn.Module, T
 
 
 def project_fit(model, images, labels, arrays, cfg, rt: Runtime, seed: int = 0) -> tuple[float, float]:
-    """One epoch of stages.training.fit over `images`; (images/s of the epoch, its mean train loss)."""
+    """One epoch of imgcls.training.fit over `images`; (images/s of the epoch, its mean train loss)."""
     def to(array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
 
@@ -156,7 +156,7 @@ def same_loss(study: str, arrays: dict, device: torch.device, n: int = 64, seed:
 
 
 def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: int) -> float:
-    """The embed stage's pass: stages.training.infer over CPU uint8 images, results back on the host."""
+    """The embed stage's pass: imgcls.training.infer over CPU uint8 images, results back on the host."""
     rt.place(model)
     mean, std = (torch.from_numpy(arrays[key]).to(rt.device) for key in ("mean", "std"))
     host = torch.from_numpy(np.ascontiguousarray(images))

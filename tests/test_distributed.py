@@ -40,7 +40,7 @@ def test_two_cpu_ranks_match_one_process(repo, tmp_path):
     repo.set_params(**{"data.mnist.path": str(data), "train.mnist.batch_size": 32, "train.mnist.device": "cpu",
                        "train.mnist.nproc": 2})
     repo.commit("two ranks")
-    assert repo.stages_run("repro", "train@mnist") == {"train@mnist"}
+    assert "train@mnist" in repo.stages_run("repro", "train@mnist")
     assert repo.stage_log.read_text().split().count("train@mnist") == 3  # the launcher and its two ranks
     distributed = json.loads((repo.root / "metrics/mnist.json").read_text())
     assert distributed["epochs"] == 1

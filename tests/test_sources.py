@@ -1,5 +1,6 @@
 """Every data source on small generated files, and the one-line errors for bad input."""
 import functools
+import shutil
 import hashlib
 import http.server
 import tarfile
@@ -150,3 +151,32 @@ def test_truncated_archive(tmp_path):
     truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(PipelineError, match="cut.zip"):
         read_source("pets", folder_params(truncated))
+
+
+# ---------------------------------------------------------------- local copies by checksum (IMGCLS_DATASETS)
+def test_copies_folder_that_is_not_a_folder_stops(tmp_path, monkeypatch, tiny_npz):
+    monkeypatch.setenv("IMGCLS_DATASETS", str(tiny_npz))
+    with pytest.raises(PipelineError, match=r"^IMGCLS_DATASETS=.*tiny-mnist\.npz: not a directory$"):
+        read_source("mnist", npz_params(tiny_npz, copy_sha256="a" * 64))
+
+
+def test_no_copy_with_the_checksum_and_no_path_names_both(tmp_path, monkeypatch, tiny_npz):
+    (tmp_path / "copies").mkdir()
+    shutil.copy(tiny_npz, tmp_path / "copies" / "other.npz")  # bytes with another checksum
+    monkeypatch.setenv("IMGCLS_DATASETS", str(tmp_path / "copies"))
+    cfg = DataParams(source="imagefolder", path=None, channels=3, copy_sha256="a" * 64)
+    with pytest.raises(PipelineError, match=r"^data\.pets: no file with copy_sha256 aaaaaaaaaaaa… in the local "
+                                            r"copies folder \(IMGCLS_DATASETS=.*copies\) and no `path`$"):
+        read_source("pets", cfg)
+
+
+def test_failed_torchvision_download_says_where_a_local_copy_goes(monkeypatch):
+    """No network here, and none anywhere for this test: every URL goes to a closed local port."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("IMGCLS_DATASETS", raising=False)
+    cfg = DataParams(source="torchvision", dataset="MNIST", channels=1, copy_sha256="b" * 64)
+    with pytest.raises(PipelineError, match=r"^data\.mnist: torchvision MNIST download failed \(.*\); offline, put "
+                                            r"the file with copy_sha256 bbbbbbbbbbbb… in the folder that "
+                                            r"IMGCLS_DATASETS names$"):
+        read_source("mnist", cfg)
