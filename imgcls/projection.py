@@ -1,8 +1,8 @@
 """Projecting representations to 2-D (PCA, then t-SNE) and measuring how linearly separable
 the projection is (a linear SVM on the 2-D points; its line for two-class studies).
 
-openTSNE rather than scikit-learn: on this project's real 10k-point embeddings they tie on an
-idle 2-core machine and openTSNE was faster on a busy one (docs/speed.md).
+openTSNE rather than scikit-learn: as good a map of this project's embeddings, and quicker on
+a busy machine (docs/measurements.md#t-sne).
 """
 import numpy as np
 

@@ -4,10 +4,10 @@ and check for identical images across train and validation (a data leak).
 
 Image files that cannot stand for their class (empty, not an image, corrupt or truncated,
 a one-colour placeholder, over PIL's decompression-bomb limit) are skipped, counted and
-listed in the metrics; a class left without images stops the stage.
+listed in the data summary; a class left without images stops the stage.
 
 Reads params `data.<study>.{channels,image_size,limit}` and `seed`; writes
-data/prepared/<study>.npz and metrics/data_<study>.json.
+data/prepared/<study>.npz and its summary data/prepared/<study>.json.
 """
 import sys
 

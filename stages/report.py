@@ -41,6 +41,7 @@ def pct(value) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table. By hand: three lines, where tabulate would only pad the cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
@@ -88,7 +89,7 @@ def comparison_sections(all_params, references) -> list[str]:
                          pct(reference.best_val_acc) if reference else "–", pct(tsne["svm_2d_acc_features"]),
                          pct(tsne["svm_2d_acc_logits"]), f"{read_json(paths.timing(run))['train_seconds']:.0f} s"])
         lines += [f"## {study}: methods compared", ""]
-        lines += table(["run", "model", "method", "input", "best val acc", "reference", "t-SNE 2-D SVM: features",
+        lines += table(["run", "model", "method", "input", "best validation acc", "reference", "t-SNE 2-D SVM: features",
                         "t-SNE 2-D SVM: logits", "train time"], rows)
         lines += ["", "t-SNE of each run's validation representations (the features that enter the classifier, "
                   "and the logits) with the line of a linear SVM fitted on the 2-D points; the columns above give "
@@ -128,8 +129,8 @@ def seed_section(all_params, groups: dict[str, list[str]]) -> list[str]:
     return ["## Variation over random seeds", "",
             "Runs whose parameters differ only by `seed` (weight initialisation, batch order, dropout): mean ± "
             "sample standard deviation. Two single runs closer than this spread cannot be told apart from seed noise.",
-            ""] + table(["run", "runs", "random seeds", "best val acc", "final val acc", "epoch of best",
-                         "best val acc per seed"], rows) + [""]
+            ""] + table(["run", "runs", "random seeds", "best validation acc", "final validation acc",
+                         "epoch of best", "best validation acc per seed"], rows) + [""]
 
 
 def run_section(run: str, cfg, reference) -> list[str]:
@@ -157,7 +158,7 @@ def run_section(run: str, cfg, reference) -> list[str]:
                   f"({timing['seconds_per_epoch']:.1f} s per epoch, {timing['train_images_per_second']:,.0f} "
                   "training images/s).", ""]
     epochs = history(run)
-    lines += table(["epoch", "train loss", "val loss", "train acc", "val acc"],
+    lines += table(["epoch", "train loss", "validation loss", "train acc", "validation acc"],
                    [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['validation_loss']:.4f}", pct(e["train_accuracy"]),
                      pct(e["validation_accuracy"])] for e in epochs])
     lines += ["", "### Confusion matrix", "", f"![confusion matrix]({link(paths.confusion_png(run))})", "",
@@ -196,7 +197,7 @@ def main() -> None:
         summary.append([run, pct(metrics["best_val_acc"]), metrics["best_epoch"],
                         pct(reference.best_val_acc) if reference else "–",
                         (reference.best_epoch or "–") if reference else "–"])
-    lines += ["## Summary", ""] + table(["run", "best val acc", "epoch", "reference best", "reference epoch"], summary)
+    lines += ["## Summary", ""] + table(["run", "best validation acc", "epoch", "reference best", "reference epoch"], summary)
     groups = seed_groups(all_params.train)
     distinct = all_params.model_copy(update={"train": {run: all_params.train[run] for run in groups}})
     lines += [""] + data_section(all_params) + seed_section(all_params, groups) + comparison_sections(distinct, references)

@@ -74,7 +74,9 @@ def test_bad_input_to_predict_is_one_line_naming_it(applied, tmp_path, args, mes
 
 
 def test_export_matches_the_checkpoint_on_the_validation_set(applied):
+    assert applied.status() == {}
     applied.run(sys.executable, "-m", "imgcls.export", "avp_finetune")
+    assert applied.status() == {}  # an export is no pipeline output: the report's data/models dep is unchanged
     check = """
 import sys, torch
 from imgcls import paths
