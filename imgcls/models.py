@@ -210,7 +210,11 @@ def timm_backbone(in_channels: int = 3, num_classes: int = 2, image_size: int = 
     body = timm.create_model(arch, pretrained=False, in_chans=in_channels, num_classes=0)
     config = body.pretrained_cfg or {}
     if pretrained and load_weights:
-        missing, unexpected = body.load_state_dict(timm_weights(arch, weights, weights_sha256), strict=False)
+        try:
+            missing, unexpected = body.load_state_dict(timm_weights(arch, weights, weights_sha256), strict=False)
+        except RuntimeError as err:  # tensors under the right names with the wrong shapes
+            raise PipelineError(f"timm {arch}: {weights} does not hold {arch}'s weights "
+                                f"({str(err).splitlines()[-1].strip()})") from None
         head = str(config.get("classifier", "classifier"))
         if missing or any(not key.startswith(head) for key in unexpected):
             raise PipelineError(f"timm {arch}: {weights} does not hold {arch}'s weights "

@@ -218,7 +218,7 @@ def evaluate(model, images, labels, mean, std, rt: Runtime, batch_size: int,
 
 
 def make_optimizer(model, cfg):
-    """Fused kernels (CPU and CUDA): one pass over the weights per step; AlexNet's step measured 1.2x."""
+    """Fused kernels (CPU and CUDA): one pass over the weights per step instead of one per operation."""
     decay = cfg.weight_decay
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=decay,
@@ -314,7 +314,7 @@ def fit(model, data: dict, cfg, rt: Runtime, seed: int, on_epoch=None, name: str
             best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
         if rank == 0:
             print(f"{name} epoch {epoch}: train loss {train_loss:.4f} acc {row['train_acc']:.4f} | "
-                  f"val loss {val_loss:.4f} acc {val_acc:.4f} | {epoch_seconds:.1f} s", flush=True)
+                  f"validation loss {val_loss:.4f} acc {val_acc:.4f} | {epoch_seconds:.1f} s", flush=True)
         if on_epoch is not None and rank == 0:
             on_epoch(row)
     return history, best_state, time.perf_counter() - started
@@ -356,7 +356,7 @@ def fit_linear_svm(model, data: dict, cfg, rt: Runtime, seed: int, on_epoch=None
     seconds = time.perf_counter() - started
     row.update(epoch_seconds=seconds, lr=0.0)
     print(f"{name}: linear SVM (C={cfg.svm_c:g}) on {train_features.shape[1]}-d features | train acc "
-          f"{row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {seconds:.1f} s",
+          f"{row['train_acc']:.4f} | validation loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {seconds:.1f} s",
           flush=True)
     if on_epoch is not None:
         on_epoch(row)

@@ -133,6 +133,9 @@ def test_timm_pretrained_weights_load_only_from_a_file_with_the_pinned_checksum(
     assert model.input_stats is not None  # the weights' normalisation, not the training split's
     with pytest.raises(PipelineError, match=r"^timm resnet18: .*resnet18\.pth does not match its weights_sha256$"):
         models.timm_backbone(arch="resnet18", pretrained=True, weights=weights, weights_sha256="0" * 64)
+    other, other_checksum = saved("mobilenetv3_small_050")  # some names shared with resnet18, other shapes
+    with pytest.raises(PipelineError, match=r"^timm resnet18: .*mobilenetv3_small_050\.pth does not hold resnet18's "):
+        models.timm_backbone(arch="resnet18", pretrained=True, weights=other, weights_sha256=other_checksum)
     partial = tmp_path / "partial.pth"
     torch.save({key: value for key, value in stored.items() if not key.startswith("layer4.")}, partial)
     with pytest.raises(PipelineError, match=r"^timm resnet18: .*partial\.pth does not hold resnet18's weights"):
