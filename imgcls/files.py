@@ -56,7 +56,10 @@ def find_copy(checksum: str) -> Path | None:
 
 
 def _download(url: str, target: Path) -> None:
-    """Stream url into target; raise on a short read so a cut transfer never passes as whole."""
+    """Stream url into target; raise on a short read so a cut transfer never passes as whole.
+
+    urllib rather than pooch: pooch retries 4xx answers too, so a wrong URL would wait through
+    every attempt before it stops."""
     with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
         expected = response.headers.get("Content-Length")
         total = int(expected) if expected else None

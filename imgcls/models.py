@@ -5,6 +5,7 @@ classifier), as the reference's AlexNet does; embed and tsne use both.
 A model whose weights expect a fixed input normalisation declares it as ``input_stats``
 (mean, std per channel); the others are fed the training split's own statistics."""
 import itertools
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -271,23 +272,29 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
-    """Per leaf layer: name, output shape and trainable parameters (the reference's summary table).
+    """Per leaf layer: dotted name, output shape and trainable parameters (the reference's
+    summary table), from torchinfo's forward pass of one image in eval mode.
 
     A layer with weights of its own and sub-layers too (timm's BatchNormAct2d) gets a row
     for its own weights, so that the rows add up to the model's total."""
-    rows, hooks = [], []
-    for name, module in model.named_modules():
-        if not list(module.children()) or list(module.parameters(recurse=False)):
-            def record(mod, _inputs, output, name=name):
-                shape = list(output.shape[1:])
-                rows.append({"layer": f"{name} ({type(mod).__name__})", "output_shape": "x".join(map(str, shape)),
-                             "params": sum(p.numel() for p in mod.parameters(recurse=False) if p.requires_grad)})
-            hooks.append(module.register_forward_hook(record))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, *input_shape))
-    model.train(was_training)
-    for hook in hooks:
-        hook.remove()
+    import torchinfo  # imported late: only train writes the table
+
+    # a zero image, not torchinfo's random one: the table must not draw from the run's random stream
+    stats = torchinfo.summary(model, input_data=[torch.zeros(1, *input_shape)], depth=sys.maxsize, mode="eval",
+                              device="cpu", verbose=0)
+    rows = []
+    for layer in stats.summary_list:
+        own = layer.trainable_params if layer.is_leaf_layer else layer.leftover_trainable_params()
+        if layer.is_leaf_layer or own:
+            rows.append({"layer": f"{_dotted_name(layer)} ({layer.class_name})",
+                         "output_shape": "x".join(map(str, layer.output_size[1:])), "params": own})
     return rows
+
+
+def _dotted_name(layer) -> str:
+    """features.0, body.bn1: torchinfo names a layer by its attribute alone."""
+    names = []
+    while layer is not None and layer.depth > 0:
+        names.append(layer.var_name)
+        layer = layer.parent_info
+    return ".".join(reversed(names))

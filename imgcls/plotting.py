@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from imgcls.files import save_json  # noqa: E402
+
 # Vega's "tableau10" scheme, in its order: class i (in params order) and the splits (train,
 # validation) take the same colour here and in the Vega charts (.dvc/plots/*.json).
 PALETTE = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b",
@@ -88,5 +90,9 @@ def live(directory: Path, summary: Path):
         @property
         def metrics_file(self) -> str:
             return str(summary)
+
+        def make_summary(self) -> None:
+            """The summary exactly as the stage set it: DVCLive would add its step counter."""
+            save_json(summary, self.summary)
 
     return StageLive(dir=str(directory), dvcyaml=False, save_dvc_exp=False)

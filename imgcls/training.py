@@ -162,7 +162,8 @@ def augment(batch: torch.Tensor, crop_padding: int, flip: bool, generator: torch
     """Random resized crop, colour jitter, random crop (after zero padding) and horizontal
     flip, per image, on a uint8 batch.
 
-    Works on the whole batch at once, so it costs a fraction of the train step.
+    Works on the whole batch at once, so it costs a fraction of the train step.  Our own rather
+    than kornia.augmentation, which is slower on these batches (benchmarks/augment_speed.py).
     """
     if resized_crop_scale is not None:
         batch = resized_crop(batch, resized_crop_scale, generator)

@@ -45,11 +45,14 @@ def discard_outputs(run: str) -> None:
 
 
 def log_results(live, run: str, model_name: str, history: list[dict], n_params: int, epochs: int) -> dict:
-    """Summary metrics (outcomes only), the learning-curve charts' rows and figure, via DVCLive."""
+    """Summary metrics (outcomes only), the learning-curve charts' rows and figure, via DVCLive.
+
+    The summary is replaced, not updated: DVCLive's copy of the last epoch's history would
+    repeat final_val_acc and final_val_loss under other names."""
     best = max(history, key=lambda row: row["val_acc"])
-    live.summary.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                         "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
-                         "n_params": n_params, "epochs": epochs})
+    live.summary = {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                    "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
+                    "n_params": n_params, "epochs": epochs}
     for metric, key in zip(paths.LEARNING_CURVES, ("loss", "acc")):
         rows = [{"epoch": row["epoch"], "split": split, metric: row[f"{prefix}_{key}"]}
                 for row in history for split, prefix in (("train", "train"), ("validation", "val"))]

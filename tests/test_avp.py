@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from imgcls import models
+from imgcls import models, paths
 from imgcls.errors import PipelineError
 from imgcls.params import DataParams, EfficientNetLite0Params, ResNet18Params, TrainParams
 from imgcls.images import decode_file
+from imgcls.projection import REPRESENTATIONS, linear_separability
 from imgcls.sources import manifest_lines, read_source
 from imgcls.training import Runtime, augment, infer, input_stats, make_scheduler
 from tests.conftest import imagefolder_files, png_bytes, write_tree
@@ -284,9 +285,16 @@ def test_each_method_trains_embeds_and_projects(reproduced):
         assert embedded["features"].shape[1] == 1280 and embedded["logits"].shape[1] == 2
         # the checkpoint predicts the validation set as training measured it
         assert float((embedded["predictions"] == embedded["labels"]).mean()) == pytest.approx(metrics["best_val_acc"])
+        # each representation's 2-D points cover the validation images, and the SVM accuracy is theirs
         tsne = json.loads((root / f"metrics/tsne_{run}.json").read_text())
-        correct = tsne["svm_2d_acc_logits"] * len(embedded["labels"])  # a share of the validation images
-        assert correct == pytest.approx(round(correct), abs=0.01)
+        points = json.loads((root / paths.tsne_points(run).relative_to(paths.ROOT)).read_text())
+        for key, _ in REPRESENTATIONS:
+            rows = [row for row in points if row["representation"] == key]
+            labels = np.array([row["label"] for row in rows])
+            assert sorted(labels) == sorted(embedded["labels"]) and tsne["points"] == len(rows)
+            xy = np.array([[row["x"], row["y"]] for row in rows])
+            accuracy, _ = linear_separability(xy, labels, reproduced.params["tsne"]["seed"])
+            assert tsne[f"svm_2d_acc_{key}"] == pytest.approx(accuracy, abs=1.5 / len(rows))
     scratch = torch.load(root / "data/models/avp_scratch.pt", weights_only=True)
     assert scratch["input_shape"] == [3, 32, 32] and scratch["input_size"] == 32
     assert json.loads((root / "metrics/avp_svm.json").read_text())["best_val_acc"] >= 0.9  # ImageNet features + SVM

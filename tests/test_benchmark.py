@@ -27,8 +27,9 @@ def test_benchmark_reports_both_paths_on_the_same_loss(tiny_studies, capsys):
         assert len(r["matrix"]) == 4 and all(speed > 0 for speed in r["matrix"].values())
         project, reference = r["same_loss"]
         assert np.isfinite(project) and project == pytest.approx(reference, rel=1e-5, abs=0)
-        epoch = r["epoch"]
-        assert epoch["project"] > 0 and epoch["reference"] > 0 and 0 < epoch["step_alone"]
+        epoch = r["epoch"]  # two epochs of each path: the cold first and a warm second
+        assert len(epoch["project"]) == len(epoch["reference"]) == 2 and 0 < epoch["step_alone"]
+        assert all(seconds > 0 for seconds in epoch["project"] + epoch["reference"])
     printed = capsys.readouterr().out
     assert "| mnist | SimpleCNN |" in printed and "| cifar10 | AlexNet |" in printed and "load average" in printed
 
@@ -53,3 +54,20 @@ def test_loss_check_notices_a_different_input_pipeline(tiny_studies, monkeypatch
                         lambda self, i: (original(self, i)[0].flip(2), int(self.targets[i])))  # mirrored images
     project, reference = train_speed.same_loss("cifar10", arrays, torch.device("cpu"))
     assert project != pytest.approx(reference, rel=1e-5, abs=0)
+
+
+def test_augment_benchmark_times_the_same_operations_in_kornia():
+    from benchmarks import augment_speed
+    from imgcls.params import TrainParams
+
+    cfg = TrainParams(data="toy", model={"name": "alexnet"}, epochs=1, batch_size=4,
+                      augment={"resized_crop_scale": [0.5, 1.0], "color_jitter": 0.2, "crop_padding": 2, "flip": True})
+    pipeline = augment_speed.kornia_pipeline(cfg.augment, 16)
+    assert [type(step).__name__ for step in pipeline.children()] == [
+        "RandomResizedCrop", "ColorJitter", "RandomCrop", "RandomHorizontalFlip"]  # the project's order
+    flip_only = augment_speed.kornia_pipeline(TrainParams(**{**cfg.model_dump(), "augment": {"flip": True}}).augment, 16)
+    image = torch.rand(1, 3, 16, 16)
+    flipped = flip_only(image.repeat(8, 1, 1, 1))
+    assert all(torch.equal(out, image[0]) or torch.equal(out, image[0].flip(2)) for out in flipped)
+    result = augment_speed.measure(cfg, [3, 16, 16], repeats=1)
+    assert result["shape"] == (4, 3, 16, 16) and result["own"] > 0 and result["kornia"] > 0

@@ -138,34 +138,3 @@ def test_changing_a_local_source_under_sources_reruns_its_download(repo):
     np.savez(source, **relabelled)
     status = json.loads(repo.dvc("status", "--json", "download@mnist").stdout)
     assert status["download@mnist"][0]["changed deps"] == {"sources": "modified"}
-
-
-def test_metrics_are_identical_after_a_forced_rerun(reproduced, tmp_path):
-    repo = Repo(tmp_path / "copy")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
-    repo.dvc("repro", "-f", "train@mnist")
-    assert json.loads(repo.dvc("metrics", "diff", "--json").stdout) == {}
-
-
-def test_team_route_push_clone_pull_status_repro_and_diff(repo, tmp_path):
-    """A reproduces and pushes with the run-cache; B clones elsewhere, pulls: clean status, nothing
-    to run, and metrics diff against A's earlier commit works."""
-    params = repo.params
-    params["data"] = {"mnist": params["data"]["mnist"]}
-    params["train"] = {"mnist": params["train"]["mnist"]}
-    (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    repo.dvc("remote", "add", "-d", "team", str(tmp_path / "storage"))
-    repo.dvc("repro")
-    repo.commit("first run")
-    repo.set_params(**{"train.mnist.epochs": 2})
-    repo.dvc("repro")
-    repo.commit("two epochs")
-    repo.dvc("push", "--run-cache")
-    teammate = Repo(tmp_path / "teammate")
-    repo.run("git", "clone", "-q", str(repo.root), str(teammate.root))
-    teammate.dvc("pull")
-    assert teammate.status() == {}
-    assert teammate.stages_run("repro") == set()
-    diff = json.loads(teammate.dvc("metrics", "diff", "HEAD~1", "--json").stdout)
-    changed = {key for entries in diff.values() for key in entries}
-    assert "epochs" in changed
