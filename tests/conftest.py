@@ -183,3 +183,15 @@ def reproduced(tmp_path_factory) -> Repo:
     shared.dvc("repro")
     shared.commit("reproduced")
     return shared
+
+
+@pytest.fixture(scope="session")
+def two_epochs(reproduced, tmp_path_factory) -> Repo:
+    """A copy of `reproduced` with a second commit: mnist trained for 2 epochs through tsne@mnist.
+    For tests that compare two revisions and change nothing."""
+    repo = Repo(tmp_path_factory.mktemp("two-epochs") / "repo")
+    shutil.copytree(reproduced.root, repo.root, symlinks=True)
+    repo.set_params(**{"train.mnist.epochs": 2})
+    repo.dvc("repro", "tsne@mnist")
+    repo.commit("two epochs")
+    return repo

@@ -92,12 +92,8 @@ def test_a_new_run_in_params_gets_its_plots_with_no_edit_to_dvc_yaml(reproduced,
     assert (repo.root / "dvc.yaml").read_text() == dvc_yaml
 
 
-def test_plots_diff_keeps_the_two_revisions_apart(reproduced, tmp_path):
-    repo = copy_of(reproduced, tmp_path)
-    repo.set_params(**{"train.mnist.epochs": 2})
-    repo.dvc("repro", "tsne@mnist")
-    repo.commit("two epochs")
-    shown = plots_json(repo, "diff", "HEAD~1", "HEAD")
+def test_plots_diff_keeps_the_two_revisions_apart(two_epochs):
+    shown = plots_json(two_epochs, "diff", "HEAD~1", "HEAD")
     ids = charts("mnist")
     tsne = spec(shown, ids["tsne"])
     assert tsne["facet"]["row"]["field"] == "rev"  # one row of panels per revision, not overlapping points
@@ -206,12 +202,8 @@ def test_the_plots_page_draws_every_chart_offline(reproduced, tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian: apt-get install chromium; .ci/run does)")
-def test_the_plots_diff_page_draws_every_chart_offline(reproduced, tmp_path):
-    repo = copy_of(reproduced, tmp_path)
-    repo.set_params(**{"train.mnist.epochs": 2})
-    repo.dvc("repro", "tsne@mnist")
-    repo.commit("two epochs")
-    repo.dvc("plots", "diff", "HEAD~1", "HEAD", "--targets", *charts("mnist").values(), "-o", str(tmp_path / "diff"))
+def test_the_plots_diff_page_draws_every_chart_offline(two_epochs, tmp_path):
+    two_epochs.dvc("plots", "diff", "HEAD~1", "HEAD", "--targets", *charts("mnist").values(), "-o", str(tmp_path / "diff"))
     assert_every_chart_drew(render(tmp_path / "diff" / "index.html", tmp_path, tmp_path / "diff.png"),
                             len(charts("mnist")))
 
