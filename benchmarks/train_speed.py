@@ -12,8 +12,8 @@ so the comparison is shown to be like for like.  The train step's FLOPs are coun
 (torch.utils.flop_counter) and set against the machine's measured fp32 and bf16 matrix-product
 peaks.  `--epoch` adds two full epochs of each study (the train stage's `fit`, validation
 included) against two full reference-style epochs, and the share of the project's second
-epoch spent outside the model step.  Data: each study's prepared arrays (data/prepared/<study>.npz) unless
-a Keras-layout npz is given (--mnist, --cifar10).
+epoch spent outside the model step.  Data: each study's prepared arrays
+(data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
 """
 import argparse
 import contextlib

@@ -128,6 +128,11 @@ class Repo:
             node[last] = value
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+    def copy(self, dest: Path) -> "Repo":
+        """A copy of the whole repository (git history, DVC cache and outputs) at `dest`."""
+        shutil.copytree(self.root, dest, symlinks=True)
+        return Repo(dest)
+
     def commit(self, message="update"):
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", message)
@@ -189,8 +194,7 @@ def reproduced(tmp_path_factory) -> Repo:
 def two_epochs(reproduced, tmp_path_factory) -> Repo:
     """A copy of `reproduced` with a second commit: mnist trained for 2 epochs through tsne@mnist.
     For tests that compare two revisions and change nothing."""
-    repo = Repo(tmp_path_factory.mktemp("two-epochs") / "repo")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
+    repo = reproduced.copy(tmp_path_factory.mktemp("two-epochs") / "repo")
     repo.set_params(**{"train.mnist.epochs": 2})
     repo.dvc("repro", "tsne@mnist")
     repo.commit("two epochs")

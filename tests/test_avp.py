@@ -303,10 +303,7 @@ def test_each_method_trains_embeds_and_projects(reproduced):
 
 
 def test_changing_one_method_touches_only_its_chain(reproduced, tmp_path):
-    import shutil
-
-    repo = type(reproduced)(tmp_path / "copy")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
+    repo = reproduced.copy(tmp_path / "copy")
     repo.set_params(**{"train.avp_svm.svm_c": 0.5})
     changed = json.loads(repo.dvc("status", "--json").stdout)
     assert set(changed) == {"train@avp_svm", "report"}  # embed/tsne@avp_svm follow from train's new weights

@@ -888,12 +888,6 @@ def prepared(tmp_path_factory):
     return repo
 
 
-def copy_of(repo, tmp_path):
-    copy = type(repo)(tmp_path / "copy")
-    shutil.copytree(repo.root, copy.root, symlinks=True)
-    return copy
-
-
 def assert_one_error_line(result, expected: str):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
@@ -926,7 +920,7 @@ def test_stage_with_missing_input_prints_one_error_line(prepared, module, expect
     ({"train.mnist.lr": 1e12, "train.mnist.optimizer": "sgd"}, "train", "loss became non-finite in epoch 1"),
 ])
 def test_stage_failure_prints_one_error_line_and_writes_nothing(prepared, tmp_path, change, module, expected):
-    repo = copy_of(prepared, tmp_path)
+    repo = prepared.copy(tmp_path / "copy")
     (repo.root / "data" / "raw" / "mnist.npz").unlink()
     repo.set_params(**change)
     assert_one_error_line(repo.stage(module, "mnist"), expected)

@@ -62,17 +62,10 @@ MNIST_CHAIN = {"train@mnist", "embed@mnist", "tsne@mnist", "report"}
     ({"tsne.perplexity": 6}, lambda runs: {f"tsne@{run}" for run in runs} | {"report"}),
 ])
 def test_a_param_change_reruns_only_what_depends_on_it(reproduced, tmp_path, change, expected):
-    repo = type(reproduced)(tmp_path / "copy")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
+    repo = reproduced.copy(tmp_path / "copy")
     repo.set_params(**change)
     assert repo.stages_run("repro") == expected(repo.params["train"])
     assert repo.status() == {}
-
-
-def copy_of(reproduced, tmp_path):
-    repo = type(reproduced)(tmp_path / "copy")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
-    return repo
 
 
 def test_metrics_diff_shows_the_change(two_epochs):
@@ -83,7 +76,7 @@ def test_metrics_diff_shows_the_change(two_epochs):
 def test_a_forced_rerun_with_the_same_seed_changes_no_metric(reproduced, tmp_path):
     """Issue 12: the metrics files hold outcomes only, so re-running identical work on the CPU
     leaves `dvc metrics diff` empty; the wall-clock timing (a plain output) may change."""
-    repo = copy_of(reproduced, tmp_path)
+    repo = reproduced.copy(tmp_path / "copy")
     chain = ("train@mnist", "embed@mnist", "tsne@mnist")
     assert repo.stages_run("repro", "-f", "-s", *chain) == set(chain)
     assert json.loads(repo.dvc("metrics", "diff", "--json").stdout) == {}
@@ -109,7 +102,7 @@ train.main(sys.argv[1])
 
 @pytest.mark.parametrize("how", ["non-finite loss", "after an epoch was logged"])
 def test_a_stopped_training_leaves_no_outputs(reproduced, tmp_path, how):
-    repo = copy_of(reproduced, tmp_path)
+    repo = reproduced.copy(tmp_path / "copy")
     outputs = [paths.model("mnist"), paths.architecture("mnist"), paths.timing("mnist"), paths.train_metrics("mnist"),
                paths.live("mnist")]
     for path in map(lambda p: repo.root / rel(p), outputs):  # as `dvc repro` does before it runs the stage

@@ -47,12 +47,6 @@ def classes_of(repo, run: str) -> list[str]:
     return repo.params["data"][study]["classes"] or ["alpha", "beta"]  # conftest's ImageFolder default
 
 
-def copy_of(reproduced, tmp_path):
-    repo = type(reproduced)(tmp_path / "copy")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
-    return repo
-
-
 # ---------------------------------------------------------------- the filled Vega specs
 def test_every_run_has_learning_curves_a_square_confusion_matrix_and_its_tsne(reproduced):
     shown = plots_json(reproduced, "show")
@@ -82,7 +76,7 @@ def test_every_run_has_learning_curves_a_square_confusion_matrix_and_its_tsne(re
 
 
 def test_a_new_run_in_params_gets_its_plots_with_no_edit_to_dvc_yaml(reproduced, tmp_path):
-    repo = copy_of(reproduced, tmp_path)
+    repo = reproduced.copy(tmp_path / "copy")
     dvc_yaml = (repo.root / "dvc.yaml").read_text()
     train = repo.params["train"]
     repo.set_params(**{"train": {**train, "mnist_seed7": {**train["mnist"], "seed": 7}}})

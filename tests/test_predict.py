@@ -1,7 +1,6 @@
 """Applying trained runs: the predict command against embed's predictions, the serving export
 against the checkpoint, bad input as one line, and a registry entry per run."""
 import csv
-import shutil
 import sys
 
 import numpy as np
@@ -17,9 +16,7 @@ RUNS = ("mnist", "avp_finetune")  # greyscale at its native size, RGB resized on
 @pytest.fixture(scope="module")
 def applied(reproduced, tmp_path_factory) -> Repo:
     """A copy of the reproduced tiny pipeline (exports write beside the weights)."""
-    repo = Repo(tmp_path_factory.mktemp("applied") / "repo")
-    shutil.copytree(reproduced.root, repo.root, symlinks=True)
-    return repo
+    return reproduced.copy(tmp_path_factory.mktemp("applied") / "repo")
 
 
 def write_validation_images(repo: Repo, run: str, folder) -> list[str]:
