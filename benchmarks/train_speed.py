@@ -1,5 +1,5 @@
 """Images/s of the project's train step and embedding pass against a reference-style loop, on
-the same model and data, in one process, and how close each is to the hardware:
+the same model and data, in one run, and how close each is to the hardware:
 
     python -m benchmarks.train_speed [--steps 50] [--batch-size 128] [--device auto] [--epoch] ...
 
@@ -7,23 +7,27 @@ The project path is imgcls.training itself (`fit` and `infer`: uint8 tensors in 
 normalised per batch, precision and layout chosen by `select_runtime`).  The reference-style
 path is what the practical's notebooks do: a torchvision-style dataset that makes a PIL image of
 each item and applies ToTensor + Normalize, a DataLoader, fp32, contiguous tensors, `.item()`
-every step.  Before timing, both paths compute the fp32 loss of one batch from the same weights,
-so the comparison is shown to be like for like.  The train step's FLOPs are counted
-(torch.utils.flop_counter) and set against the machine's measured fp32 and bf16 matrix-product
-peaks.  `--epoch` adds two full epochs of each study (the train stage's `fit`, validation
-included) against two full reference-style epochs, and the share of the project's second
-epoch spent outside the model step.  Data: each study's prepared arrays
-(data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
+every step.  It runs in a process of its own, so that nothing the project sets for its process
+(the allocator setting of `select_runtime`) reaches it.  Before timing, both paths compute the
+fp32 loss of one batch from the same weights, so the comparison is shown to be like for like.
+The train step's FLOPs are counted (torch.utils.flop_counter) and set against the machine's
+measured fp32 and bf16 matrix-product peaks.  `--epoch` adds two full epochs of each study (the
+train stage's `fit`, validation included) against two full reference-style epochs, and the
+share of the project's second epoch spent outside the model step.  Data: each study's prepared
+arrays (data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
 """
 import argparse
 import contextlib
 import copy
 import io
+import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +112,16 @@ def project_fit(model, images, labels, arrays, cfg, rt: Runtime, seed: int = 0) 
     return len(images) / history[0]["epoch_seconds"], history[0]["train_loss"]
 
 
-def reference_train(model, loader: DataLoader, device: torch.device, steps: int, warmup: int) -> float:
-    """The notebook loop: fp32, per-item transforms through the DataLoader, .item() each step."""
+def reference_process() -> ProcessPoolExecutor:
+    """A process of its own for the reference-style path, as a notebook's kernel is: what the project
+    sets for its process (select_runtime's allocator setting) does not reach it."""
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def reference_train(model, dataset: Dataset, batch_size: int, device: torch.device, steps: int, warmup: int,
+                    workers: int = 0) -> float:
+    """The notebook loop: fp32, per-item transforms through a shuffling DataLoader, .item() each step."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
@@ -168,7 +180,8 @@ def project_embed(model, images: np.ndarray, arrays, rt: Runtime, batch_size: in
 
 
 @torch.no_grad()
-def reference_embed(model, loader: DataLoader, device: torch.device) -> float:
+def reference_embed(model, dataset: Dataset, batch_size: int, device: torch.device, workers: int = 0) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     model.to(device).eval()
     for x, _ in loader:  # warm-up batch
         model(x.to(device))
@@ -189,10 +202,11 @@ def synchronize(device: torch.device) -> None:
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
     """GFLOP/s of square matrix products in `dtype`: what this machine's kernels reach at best.
 
-    The size halves while one product takes over a tenth of `seconds` (bf16 is emulated, hundreds
-    of times slower, on AVX2-only CPUs), so the measurement lasts about `seconds` everywhere.
+    The size doubles from 256 up to 2048 while one product takes under a tenth of `seconds` (bf16
+    is emulated, hundreds of times slower, on CPUs without native bf16), so the measurement lasts
+    about `seconds` everywhere.
     """
-    size = 2048
+    size = 256
     while True:
         a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
         a @ b
@@ -200,9 +214,9 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) 
         started = time.perf_counter()
         a @ b
         synchronize(device)
-        if time.perf_counter() - started <= seconds / 10 or size <= 256:
+        if time.perf_counter() - started > seconds / 10 or size >= 2048:
             break
-        size //= 2
+        size *= 2
     products, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds or products < 3:
         a @ b
@@ -264,11 +278,27 @@ def reference_evaluate(model, loader: DataLoader, device: torch.device) -> None:
         (logits.argmax(1) == y.to(device)).sum().item()
 
 
-def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int, seed: int = 0) -> dict:
+def reference_epochs(model, train: Dataset, val: Dataset, batch_size: int, device: torch.device,
+                     epochs: int = 2) -> list[float]:
+    """Seconds of each of `epochs` reference-style epochs: the training loop over every image, then
+    the validation pass."""
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        reference_train(model, train, batch_size, device, steps=math.ceil(len(train) / batch_size), warmup=0)
+        reference_evaluate(model, DataLoader(val, batch_size=batch_size), device)
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int, reference: ProcessPoolExecutor,
+               seed: int = 0) -> dict:
     """Seconds of full epochs (every training image once, then the validation split) through the
-    train stage's `fit` and through the reference-style loop, two of each: the first includes the
-    kernels' first-call set-up, the second is what every later epoch of a run costs.  Also the
-    project's model step alone for as many batches (timed over `steps` after `warmup`)."""
+    train stage's `fit` and through the reference-style loop (in the `reference` process), two of
+    each: the first includes the kernels' first-call set-up, the second is what every later epoch
+    of a run costs.  Also the project's model step alone for as many batches (timed over `steps`
+    after `warmup`)."""
     def to(array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
 
@@ -288,14 +318,7 @@ def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, wa
              f"(model step alone {step_alone:.1f} s)")
     train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
     val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
-    reference_model, reference = copy.deepcopy(model), []
-    for _ in range(2):
-        started = time.perf_counter()
-        reference_train(reference_model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True), rt.device,
-                        steps=epoch_steps, warmup=0)
-        reference_evaluate(reference_model, DataLoader(val, batch_size=cfg.batch_size), rt.device)
-        synchronize(rt.device)
-        reference.append(time.perf_counter() - started)
+    reference = reference.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device).result()
     progress(f"{study}: full epochs, reference-style {reference[0]:.1f} s then {reference[1]:.1f} s")
     return {"project": project, "reference": reference, "ratio": [r / p for r, p in zip(reference, project)],
             "step_alone": step_alone, "outside_step": 1 - step_alone / project[1]}
@@ -305,57 +328,66 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
         embed_batch_size: int = 500, device: str = "auto", workers: int = 0, repeats: int = 3,
         matrix: bool = True, epoch: bool = False, peak_seconds: float = 1.0, seed: int = 0) -> dict:
     """Measure every study in `data` ({study: npz path}); images/s are medians over `repeats`."""
-    rt = select_runtime(device)
-    peaks = {name: matmul_peak(dtype, rt.device, peak_seconds)
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    progress("matrix-product peaks: " + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items()))
-    results = {"runtime": rt, "peaks": peaks, "studies": {}}
-    for study, path in data.items():
-        arrays = load_arrays(path)
-        torch.manual_seed(seed)
-        model, cfg = build_model(study, arrays, batch_size)
-        train_idx = cycle(steps * batch_size, len(arrays["x_train"]))
-        images, labels = arrays["x_train"][train_idx], arrays["y_train"][train_idx]
-        warm = cycle(warmup * batch_size, len(arrays["x_train"]))
-        loader = DataLoader(ReferenceStyleDataset(images, labels, arrays["mean"], arrays["std"]), batch_size=batch_size,
-                            shuffle=True, num_workers=workers)
-        layouts = LAYOUTS if matrix else [(rt.bf16, rt.channels_last)]
-        speeds = {layout: [] for layout in layouts}
-        reference_speeds = []
-        for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both paths
-            for bf16, channels_last in layouts:
-                layout_rt = Runtime(rt.device, bf16, channels_last)
-                project_fit(copy.deepcopy(model), arrays["x_train"][warm], arrays["y_train"][warm], arrays, cfg,
-                            layout_rt, seed)
-                speeds[(bf16, channels_last)].append(
-                    project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
-                progress(f"{study}: train step, project {layout_name(bf16, channels_last)}: "
-                         f"{speeds[(bf16, channels_last)][-1]:,.0f} img/s")
-            reference_speeds.append(reference_train(copy.deepcopy(model), loader, rt.device, steps, warmup))
-            progress(f"{study}: train step, reference-style fp32: {reference_speeds[-1]:,.0f} img/s")
-        val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
-        val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
-        val_loader = DataLoader(ReferenceStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"]),
-                                batch_size=embed_batch_size, num_workers=workers)
-        project_embeds, reference_embeds = [], []
-        for _ in range(repeats):
-            project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
-            reference_embeds.append(reference_embed(copy.deepcopy(model), val_loader, rt.device))
-            progress(f"{study}: embedding, project {project_embeds[-1]:,.0f} img/s, "
-                     f"reference-style {reference_embeds[-1]:,.0f} img/s")
-        median = {layout: statistics.median(values) for layout, values in speeds.items()}
-        train = {"project": median[(rt.bf16, rt.channels_last)], "reference": statistics.median(reference_speeds)}
-        embed = {"project": statistics.median(project_embeds), "reference": statistics.median(reference_embeds)}
-        results["studies"][study] = {
-            "model": type(model).__name__,
-            "same_loss": same_loss(study, arrays, rt.device, seed=seed),
-            "train": {**train, "ratio": train["project"] / train["reference"]},
-            "embed": {**embed, "ratio": embed["project"] / embed["reference"]},
-            "matrix": median if matrix else {},
-            "flops_per_image": step_flops(model, arrays, batch_size, rt.device),
-            "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, seed) if epoch else None,
-        }
+    with reference_process() as reference:
+        rt = select_runtime(device)
+        peaks = {name: matmul_peak(dtype, rt.device, peak_seconds)
+                 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        progress("matrix-product peaks: " + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items()))
+        results = {"runtime": rt, "peaks": peaks, "studies": {}}
+        for study, path in data.items():
+            results["studies"][study] = measure(study, path, rt, reference, steps, warmup, batch_size, embed_batches,
+                                                embed_batch_size, workers, repeats, matrix, epoch, seed)
     return results
+
+
+def measure(study: str, path: Path, rt: Runtime, reference: ProcessPoolExecutor, steps: int, warmup: int,
+            batch_size: int, embed_batches: int, embed_batch_size: int, workers: int, repeats: int, matrix: bool,
+            epoch: bool, seed: int) -> dict:
+    """One study's figures (see run); the reference-style path runs in the `reference` process."""
+    arrays = load_arrays(path)
+    torch.manual_seed(seed)
+    model, cfg = build_model(study, arrays, batch_size)
+    train_idx = cycle(steps * batch_size, len(arrays["x_train"]))
+    images, labels = arrays["x_train"][train_idx], arrays["y_train"][train_idx]
+    warm = cycle(warmup * batch_size, len(arrays["x_train"]))
+    train_set = ReferenceStyleDataset(images, labels, arrays["mean"], arrays["std"])
+    layouts = LAYOUTS if matrix else [(rt.bf16, rt.channels_last)]
+    speeds = {layout: [] for layout in layouts}
+    reference_speeds = []
+    for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both paths
+        for bf16, channels_last in layouts:
+            layout_rt = Runtime(rt.device, bf16, channels_last)
+            project_fit(copy.deepcopy(model), arrays["x_train"][warm], arrays["y_train"][warm], arrays, cfg,
+                        layout_rt, seed)
+            speeds[(bf16, channels_last)].append(
+                project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
+            progress(f"{study}: train step, project {layout_name(bf16, channels_last)}: "
+                     f"{speeds[(bf16, channels_last)][-1]:,.0f} img/s")
+        reference_speeds.append(reference.submit(reference_train, model, train_set, batch_size, rt.device, steps,
+                                                 warmup, workers).result())
+        progress(f"{study}: train step, reference-style fp32: {reference_speeds[-1]:,.0f} img/s")
+    val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
+    val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
+    val_set = ReferenceStyleDataset(val_images, val_labels, arrays["mean"], arrays["std"])
+    project_embeds, reference_embeds = [], []
+    for _ in range(repeats):
+        project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
+        reference_embeds.append(reference.submit(reference_embed, model, val_set, embed_batch_size, rt.device,
+                                                 workers).result())
+        progress(f"{study}: embedding, project {project_embeds[-1]:,.0f} img/s, "
+                 f"reference-style {reference_embeds[-1]:,.0f} img/s")
+    median = {layout: statistics.median(values) for layout, values in speeds.items()}
+    train = {"project": median[(rt.bf16, rt.channels_last)], "reference": statistics.median(reference_speeds)}
+    embed = {"project": statistics.median(project_embeds), "reference": statistics.median(reference_embeds)}
+    return {
+        "model": type(model).__name__,
+        "same_loss": same_loss(study, arrays, rt.device, seed=seed),
+        "train": {**train, "ratio": train["project"] / train["reference"]},
+        "embed": {**embed, "ratio": embed["project"] / embed["reference"]},
+        "matrix": median if matrix else {},
+        "flops_per_image": step_flops(model, arrays, batch_size, rt.device),
+        "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, reference, seed) if epoch else None,
+    }
 
 
 def progress(message: str) -> None:

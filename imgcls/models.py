@@ -16,6 +16,19 @@ from imgcls.errors import PipelineError
 from imgcls.files import sha256
 
 
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """torch.flatten(x, 1), with the gradient handed back in x's memory layout.
+
+    Autograd returns a flatten's gradient contiguous (NCHW); under channels_last the pooling
+    below would then convert it at its own input's size, four times larger, on every step.
+    Converting here moves a quarter of the bytes; the values are the same (docs/speed.md).
+    """
+    if x.requires_grad and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        x.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+    return torch.flatten(x, 1)
+
+
 class SimpleCNN(nn.Module):
     """The reference's MNIST network: 813,802 parameters at 1x28x28, 10 classes."""
 
@@ -38,7 +51,7 @@ class SimpleCNN(nn.Module):
         )
 
     def forward(self, x):
-        features = torch.flatten(self.features(x), 1)
+        features = flatten(self.features(x))
         return self.classifier(features), features
 
 
@@ -74,7 +87,7 @@ class AlexNet(nn.Module):
         )
 
     def forward(self, x):
-        features = torch.flatten(self.features(x), 1)
+        features = flatten(self.features(x))
         return self.classifier(features), features
 
 

@@ -6,6 +6,7 @@ hot loop.  Precision and memory layout follow the hardware: bf16 autocast + chan
 where bf16 is native (CUDA, CPUs with AVX-512 BF16/AMX), fp32 otherwise.  Losses and
 correct counts accumulate on the device and are read once per epoch (no host sync per step).
 """
+import ctypes
 import math
 import os
 import time
@@ -76,10 +77,36 @@ def pick_device(device: str) -> torch.device:
     return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if available[kind]))
 
 
+# glibc's mallopt parameters (malloc.h) and its largest mmap threshold on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    Every train step frees and reallocates the same activations.  By default glibc maps each
+    block over 128 KiB afresh and trims freed memory, so every step page-faults its activations
+    in again: the effect that PyTorch's CPU tuning guide answers with a jemalloc or tcmalloc
+    preload, here without one (docs/speed.md).  True if set; elsewhere than glibc nothing changes.
+    """
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        libc = ctypes.CDLL("libc.so.6")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), no such name (macOS), no libc.so.6
+        return False
+    # blocks up to the largest threshold come from the heap; freed ones stay there for the next step
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def select_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto",
                    deterministic: bool = False) -> Runtime:
-    """deterministic: only kernels that give the same bits run after run (on one machine and setup)."""
+    """deterministic: only kernels that give the same bits run after run (on one machine and setup).
+
+    On the CPU this also keeps freed memory in the process (`keep_freed_memory`)."""
     dev = pick_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     # including_emulation=False: pre-Ampere GPUs (T4, V100) only emulate bf16, slower than fp32 there
     native_bf16 = {"cuda": lambda: torch.cuda.is_bf16_supported(including_emulation=False),
                    "mps": lambda: False, "cpu": cpu_has_native_bf16}[dev.type]()

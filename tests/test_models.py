@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from imgcls.models import AlexNet, SimpleCNN, count_parameters, summarize
+from imgcls.models import AlexNet, SimpleCNN, count_parameters, flatten, summarize
 
 REFERENCE_SIMPLECNN = [  # (output shape, trainable params) from the report's section 1 table
     ("32x28x28", 320), ("32x28x28", 0), ("32x28x28", 9248), ("32x28x28", 0), ("32x14x14", 0),
@@ -51,3 +51,33 @@ def test_the_summary_leaves_the_random_stream_alone():
     torch.manual_seed(0)
     summarize(model, (1, 28, 28))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("model_class, shape", [(SimpleCNN, (1, 28, 28)), (AlexNet, (3, 32, 32))])
+def test_channels_last_gradients_reach_the_features_in_their_layout_with_the_same_values(model_class, shape):
+    """flatten hands its gradient back in channels_last, so the layers below get it without a
+    conversion; every weight gradient is bit for bit what torch.flatten gives."""
+    torch.manual_seed(0)
+    model = model_class().to(memory_format=torch.channels_last)
+    model.eval()  # no dropout: both passes must see the same network
+    images = torch.randn(8, *shape).contiguous(memory_format=torch.channels_last)
+    layouts = []
+
+    def gradients(flat):
+        model.zero_grad()
+        features = model.features(images)
+        logits = model.classifier(flat(features))
+        # registered after flatten's own hook: sees the gradient the feature layers receive
+        features.register_hook(lambda grad: layouts.append(grad.is_contiguous(memory_format=torch.channels_last)))
+        logits.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, ours = gradients(lambda x: torch.flatten(x, 1)), gradients(flatten)
+    assert layouts == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(plain, ours))
+
+
+def test_flatten_without_gradients_or_in_nchw_is_torch_flatten():
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(flatten(x), x.flatten(1))
+    assert torch.equal(flatten(x.contiguous(memory_format=torch.channels_last)), x.flatten(1))
