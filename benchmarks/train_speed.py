@@ -292,10 +292,10 @@ def reference_epochs(model, train: Dataset, val: Dataset, batch_size: int, devic
     return seconds
 
 
-def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int, reference: ProcessPoolExecutor,
-               seed: int = 0) -> dict:
+def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int,
+               reference_runner: ProcessPoolExecutor, seed: int = 0) -> dict:
     """Seconds of full epochs (every training image once, then the validation split) through the
-    train stage's `fit` and through the reference-style loop (in the `reference` process), two of
+    train stage's `fit` and through the reference-style loop (in `reference_runner`'s process), two of
     each: the first includes the kernels' first-call set-up, the second is what every later epoch
     of a run costs.  Also the project's model step alone for as many batches (timed over `steps`
     after `warmup`)."""
@@ -318,7 +318,7 @@ def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, wa
              f"(model step alone {step_alone:.1f} s)")
     train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
     val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
-    reference = reference.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device).result()
+    reference = reference_runner.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device).result()
     progress(f"{study}: full epochs, reference-style {reference[0]:.1f} s then {reference[1]:.1f} s")
     return {"project": project, "reference": reference, "ratio": [r / p for r, p in zip(reference, project)],
             "step_alone": step_alone, "outside_step": 1 - step_alone / project[1]}
@@ -328,22 +328,22 @@ def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int
         embed_batch_size: int = 500, device: str = "auto", workers: int = 0, repeats: int = 3,
         matrix: bool = True, epoch: bool = False, peak_seconds: float = 1.0, seed: int = 0) -> dict:
     """Measure every study in `data` ({study: npz path}); images/s are medians over `repeats`."""
-    with reference_process() as reference:
+    with reference_process() as reference_runner:
         rt = select_runtime(device)
         peaks = {name: matmul_peak(dtype, rt.device, peak_seconds)
                  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         progress("matrix-product peaks: " + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items()))
         results = {"runtime": rt, "peaks": peaks, "studies": {}}
         for study, path in data.items():
-            results["studies"][study] = measure(study, path, rt, reference, steps, warmup, batch_size, embed_batches,
-                                                embed_batch_size, workers, repeats, matrix, epoch, seed)
+            results["studies"][study] = measure(study, path, rt, reference_runner, steps, warmup, batch_size,
+                                                embed_batches, embed_batch_size, workers, repeats, matrix, epoch, seed)
     return results
 
 
-def measure(study: str, path: Path, rt: Runtime, reference: ProcessPoolExecutor, steps: int, warmup: int,
+def measure(study: str, path: Path, rt: Runtime, reference_runner: ProcessPoolExecutor, steps: int, warmup: int,
             batch_size: int, embed_batches: int, embed_batch_size: int, workers: int, repeats: int, matrix: bool,
             epoch: bool, seed: int) -> dict:
-    """One study's figures (see run); the reference-style path runs in the `reference` process."""
+    """One study's figures (see run); the reference-style path runs in `reference_runner`."""
     arrays = load_arrays(path)
     torch.manual_seed(seed)
     model, cfg = build_model(study, arrays, batch_size)
@@ -363,8 +363,8 @@ def measure(study: str, path: Path, rt: Runtime, reference: ProcessPoolExecutor,
                 project_fit(copy.deepcopy(model), images, labels, arrays, cfg, layout_rt, seed)[0])
             progress(f"{study}: train step, project {layout_name(bf16, channels_last)}: "
                      f"{speeds[(bf16, channels_last)][-1]:,.0f} img/s")
-        reference_speeds.append(reference.submit(reference_train, model, train_set, batch_size, rt.device, steps,
-                                                 warmup, workers).result())
+        reference_speeds.append(reference_runner.submit(reference_train, model, train_set, batch_size, rt.device,
+                                                        steps, warmup, workers).result())
         progress(f"{study}: train step, reference-style fp32: {reference_speeds[-1]:,.0f} img/s")
     val_idx = cycle(embed_batches * embed_batch_size, len(arrays["x_val"]))
     val_images, val_labels = arrays["x_val"][val_idx], arrays["y_val"][val_idx]
@@ -372,8 +372,8 @@ def measure(study: str, path: Path, rt: Runtime, reference: ProcessPoolExecutor,
     project_embeds, reference_embeds = [], []
     for _ in range(repeats):
         project_embeds.append(project_embed(copy.deepcopy(model), val_images, arrays, rt, embed_batch_size))
-        reference_embeds.append(reference.submit(reference_embed, model, val_set, embed_batch_size, rt.device,
-                                                 workers).result())
+        reference_embeds.append(reference_runner.submit(reference_embed, model, val_set, embed_batch_size,
+                                                        rt.device, workers).result())
         progress(f"{study}: embedding, project {project_embeds[-1]:,.0f} img/s, "
                  f"reference-style {reference_embeds[-1]:,.0f} img/s")
     median = {layout: statistics.median(values) for layout, values in speeds.items()}
@@ -386,7 +386,7 @@ def measure(study: str, path: Path, rt: Runtime, reference: ProcessPoolExecutor,
         "embed": {**embed, "ratio": embed["project"] / embed["reference"]},
         "matrix": median if matrix else {},
         "flops_per_image": step_flops(model, arrays, batch_size, rt.device),
-        "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, reference, seed) if epoch else None,
+        "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, reference_runner, seed) if epoch else None,
     }
 
 
