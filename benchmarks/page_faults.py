@@ -49,19 +49,12 @@ def child(mode: str, layout: str, warmup: int, steps: int) -> None:
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps, 128 * steps / seconds)
 
 
-def measure(mode: str, layout: str = "channels_last", warmup: int = 10, steps: int = 20) -> subprocess.Popen:
-    """Start the measurement of one mode in a fresh process; `result` reads it."""
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.page_faults", "--child", mode, "--layout", layout,
-                             "--warmup", str(warmup), "--steps", str(steps)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
-
-
-def result(run: subprocess.Popen) -> tuple[float, float]:
-    """(page faults per step, images/s)."""
-    out, _ = run.communicate()
-    if run.returncode != 0:
-        raise RuntimeError(f"page-fault measurement failed ({run.returncode})")
-    faults, speed = out.split()[-2:]
+def measure(mode: str, layout: str = "channels_last", warmup: int = 10, steps: int = 20) -> tuple[float, float]:
+    """(page faults per step, images/s) of one mode, measured in a fresh process."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.page_faults", "--child", mode, "--layout", layout,
+                          "--warmup", str(warmup), "--steps", str(steps)], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    faults, speed = run.stdout.split()[-2:]
     return float(faults), float(speed)
 
 
@@ -78,7 +71,7 @@ def main(argv=None) -> None:
     print(f"SimpleCNN train step, batch 128, fp32 {args.layout}; {args.steps} steps after {args.warmup}\n")
     print("| allocator | page faults per step | img/s |\n|---|---|---|")
     for mode, name in MODES.items():  # one after the other: both share the CPU otherwise
-        faults, speed = result(measure(mode, args.layout, args.warmup, args.steps))
+        faults, speed = measure(mode, args.layout, args.warmup, args.steps)
         print(f"| {name} | {faults:,.0f} | {speed:,.0f} |")
 
 
