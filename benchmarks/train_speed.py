@@ -296,32 +296,35 @@ def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, wa
                reference_runner: ProcessPoolExecutor, seed: int = 0) -> dict:
     """Seconds of full epochs (every training image once, then the validation split) through the
     train stage's `fit` and through the reference-style loop (in `reference_runner`'s process), two of
-    each: the first includes the kernels' first-call set-up, the second is what every later epoch
-    of a run costs.  Also the project's model step alone for as many batches (timed over `steps`
-    after `warmup`)."""
+    each, alternated (project, reference-style, project, reference-style) so that the machine's
+    drift falls on both alike: the first includes the kernels' first-call set-up, the second is
+    what every later epoch of a run costs.  Also the project's model step alone for as many
+    batches (timed over `steps` after `warmup`), right after the project's second epoch."""
     def to(array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
 
     data = {key: to(arrays[key]) for key in ("x_train", "y_train", "x_val", "y_val", "mean", "std")}
-    ends = [time.perf_counter()]
+    train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
+    val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
+    epoch_steps = math.ceil(len(arrays["x_train"]) / cfg.batch_size)
+    project, reference, step_alone, started = [], [], [], [time.perf_counter()]
 
-    def epoch_ended(_row):
+    def epoch_ended(row):
         synchronize(rt.device)
-        ends.append(time.perf_counter())
+        project.append(time.perf_counter() - started[0])
+        if row["epoch"] == 2:
+            step_alone.append(epoch_steps * step_only(model, arrays, cfg, rt, steps, warmup))
+        reference.extend(reference_runner.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device,
+                                                 epochs=1).result())
+        progress(f"{study}: full epoch {row['epoch']}, project {project[-1]:.1f} s, "
+                 f"reference-style {reference[-1]:.1f} s")
+        started[0] = time.perf_counter()
 
     with contextlib.redirect_stdout(io.StringIO()):
         fit(copy.deepcopy(model), data, cfg.model_copy(update={"epochs": 2}), rt, seed, on_epoch=epoch_ended)
-    project = [b - a for a, b in zip(ends, ends[1:])]
-    epoch_steps = -(-len(arrays["x_train"]) // cfg.batch_size)
-    step_alone = epoch_steps * step_only(model, arrays, cfg, rt, steps, warmup)
-    progress(f"{study}: full epochs, project {project[0]:.1f} s then {project[1]:.1f} s "
-             f"(model step alone {step_alone:.1f} s)")
-    train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
-    val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
-    reference = reference_runner.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device).result()
-    progress(f"{study}: full epochs, reference-style {reference[0]:.1f} s then {reference[1]:.1f} s")
+    progress(f"{study}: model step alone {step_alone[0]:.1f} s per epoch")
     return {"project": project, "reference": reference, "ratio": [r / p for r, p in zip(reference, project)],
-            "step_alone": step_alone, "outside_step": 1 - step_alone / project[1]}
+            "step_alone": step_alone[0], "outside_step": 1 - step_alone[0] / project[1]}
 
 
 def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int = 128, embed_batches: int = 10,
