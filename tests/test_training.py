@@ -8,7 +8,8 @@ import torch
 
 from imgcls.params import TrainParams
 from imgcls.paths import ROOT
-from imgcls.training import Runtime, augment, cpu_has_native_bf16, fastest_settings, fit, normalize, select_runtime
+from imgcls.training import (Runtime, augment, cpu_has_native_bf16, fastest_settings, fit, keep_freed_memory,
+                             normalize, select_runtime)
 
 CPU_FP32 = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
 
@@ -56,8 +57,7 @@ def test_an_isa_limit_to_avx2_rules_out_bf16_on_any_cpu():
     assert select_runtime("cpu").bf16 == cpu_has_native_bf16()
 
 
-@pytest.mark.skipif(not hasattr(os, "confstr") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
-                    reason="glibc's malloc only")
+@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's malloc only")
 def test_a_cpu_runtime_reuses_freed_memory_instead_of_faulting_it_in_every_step():
     """A full-batch SimpleCNN step: glibc's defaults page-fault its activations in again on every
     step (thousands of faults); with the CPU runtime selected, the freed memory is reused."""
