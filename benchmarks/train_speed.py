@@ -13,8 +13,9 @@ fp32 loss of one batch from the same weights, so the comparison is shown to be l
 The train step's FLOPs are counted (torch.utils.flop_counter) and set against the machine's
 measured fp32 and bf16 matrix-product peaks.  `--epoch` adds two full epochs of each study (the
 train stage's `fit`, validation included) against two full reference-style epochs, and the
-share of the project's second epoch spent outside the model step.  Data: each study's prepared
-arrays (data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist, --cifar10).
+share of each project epoch spent outside the model step, timed within that epoch.  Data: each
+study's prepared arrays (data/prepared/<study>.npz) unless a Keras-layout npz is given (--mnist,
+--cifar10).
 """
 import argparse
 import contextlib
@@ -35,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from imgcls import models, paths
 from imgcls.params import TrainParams
-from imgcls.training import Runtime, fit, infer, input_stats, make_optimizer, normalize, select_runtime
+from imgcls.training import Runtime, fit, infer, select_runtime
 
 STUDY_MODELS = {"mnist": "simple_cnn", "cifar10": "alexnet"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the kernels PyTorch and oneDNN run
@@ -239,32 +241,37 @@ def step_flops(model, arrays: dict, batch_size: int, device: torch.device) -> fl
     return counter.get_total_flops() / batch_size
 
 
-def step_only(model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int) -> float:
-    """Seconds of the model step alone (forward, loss, backward, optimizer) on one batch already
-    normalised in place: the floor an epoch of the train loop could reach."""
-    model = rt.place(copy.deepcopy(model)).train()
-    optimizer = make_optimizer(model, cfg)
-    host = {key: torch.from_numpy(np.ascontiguousarray(arrays[key])).to(rt.device) for key in arrays}
-    mean, std = input_stats(model, host["mean"], host["std"])
-    images = normalize(host["x_train"][:cfg.batch_size], mean, std, rt)
-    labels = host["y_train"][:cfg.batch_size]
+class StepClock:
+    """Seconds spent in the model step (forward, loss, backward, optimizer) inside a running `fit`,
+    so that an epoch's share outside the step comes from that same epoch, whatever the machine's
+    drift: a step starts when the model is called in training mode and ends when an optimizer
+    has stepped.  The device is synchronised at both ends (a no-op on the CPU)."""
 
-    def step():
-        with rt.autocast():
-            logits, _ = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device, self.seconds, self.steps, self.started = device, 0.0, 0, None
+        self.hooks = [model.register_forward_pre_hook(self.begin),
+                      register_optimizer_step_post_hook(self.end)]
 
-    for _ in range(warmup):
-        step()
-    synchronize(rt.device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(rt.device)
-    return (time.perf_counter() - started) / steps
+    def begin(self, module, args) -> None:
+        if module.training:
+            synchronize(self.device)
+            self.started = time.perf_counter()
+
+    def end(self, optimizer, args, kwargs) -> None:
+        if self.started is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self.started
+            self.steps += 1
+            self.started = None
+
+    def take(self) -> tuple[float, int]:
+        """(seconds, steps) since the last call."""
+        taken, self.seconds, self.steps = (self.seconds, self.steps), 0.0, 0
+        return taken
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 @torch.no_grad()
@@ -292,39 +299,47 @@ def reference_epochs(model, train: Dataset, val: Dataset, batch_size: int, devic
     return seconds
 
 
-def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, steps: int, warmup: int,
-               reference_runner: ProcessPoolExecutor, seed: int = 0) -> dict:
+def full_epoch(study: str, model, arrays: dict, cfg, rt: Runtime, reference_runner: ProcessPoolExecutor,
+               seed: int = 0) -> dict:
     """Seconds of full epochs (every training image once, then the validation split) through the
     train stage's `fit` and through the reference-style loop (in `reference_runner`'s process), two of
     each, alternated (project, reference-style, project, reference-style) so that the machine's
     drift falls on both alike: the first includes the kernels' first-call set-up, the second is
-    what every later epoch of a run costs.  Also the project's model step alone for as many
-    batches (timed over `steps` after `warmup`), right after the project's second epoch."""
+    what every later epoch of a run costs.  Each project epoch is split into its model steps
+    (`StepClock`), the rest of its training loop (gathering, normalising, bookkeeping) and the
+    rest of the epoch (validation, keeping the best weights, logging)."""
     def to(array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(rt.device)
 
     data = {key: to(arrays[key]) for key in ("x_train", "y_train", "x_val", "y_val", "mean", "std")}
     train = ReferenceStyleDataset(arrays["x_train"], arrays["y_train"], arrays["mean"], arrays["std"])
     val = ReferenceStyleDataset(arrays["x_val"], arrays["y_val"], arrays["mean"], arrays["std"])
-    epoch_steps = math.ceil(len(arrays["x_train"]) / cfg.batch_size)
-    project, reference, step_alone, started = [], [], [], [time.perf_counter()]
+    project, reference, step, steps, loop, started = [], [], [], [], [], [time.perf_counter()]
+    model = copy.deepcopy(model)
+    clock = StepClock(model, rt.device)
 
     def epoch_ended(row):
         synchronize(rt.device)
         project.append(time.perf_counter() - started[0])
-        if row["epoch"] == 2:
-            step_alone.append(epoch_steps * step_only(model, arrays, cfg, rt, steps, warmup))
+        seconds, count = clock.take()
+        step.append(seconds)
+        steps.append(count)
+        loop.append(row["epoch_seconds"])
         reference.extend(reference_runner.submit(reference_epochs, model, train, val, cfg.batch_size, rt.device,
                                                  epochs=1).result())
-        progress(f"{study}: full epoch {row['epoch']}, project {project[-1]:.1f} s, "
+        progress(f"{study}: full epoch {row['epoch']}, project {project[-1]:.1f} s (model step {step[-1]:.1f} s), "
                  f"reference-style {reference[-1]:.1f} s")
         started[0] = time.perf_counter()
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        fit(copy.deepcopy(model), data, cfg.model_copy(update={"epochs": 2}), rt, seed, on_epoch=epoch_ended)
-    progress(f"{study}: model step alone {step_alone[0]:.1f} s per epoch")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fit(model, data, cfg.model_copy(update={"epochs": 2}), rt, seed, on_epoch=epoch_ended)
+    finally:
+        clock.remove()
     return {"project": project, "reference": reference, "ratio": [r / p for r, p in zip(reference, project)],
-            "step_alone": step_alone[0], "outside_step": 1 - step_alone[0] / project[1]}
+            "step": step, "steps": steps, "in_loop": [ls - s for ls, s in zip(loop, step)],
+            "after_loop": [p - ls for p, ls in zip(project, loop)],
+            "outside_step": [1 - s / p for s, p in zip(step, project)]}
 
 
 def run(data: dict[str, Path], steps: int = 50, warmup: int = 5, batch_size: int = 128, embed_batches: int = 10,
@@ -389,7 +404,7 @@ def measure(study: str, path: Path, rt: Runtime, reference_runner: ProcessPoolEx
         "embed": {**embed, "ratio": embed["project"] / embed["reference"]},
         "matrix": median if matrix else {},
         "flops_per_image": step_flops(model, arrays, batch_size, rt.device),
-        "epoch": full_epoch(study, model, arrays, cfg, rt, steps, warmup, reference_runner, seed) if epoch else None,
+        "epoch": full_epoch(study, model, arrays, cfg, rt, reference_runner, seed) if epoch else None,
     }
 
 
@@ -464,15 +479,19 @@ def report(results: dict, args) -> str:
                 for layout in LAYOUTS) + " |")
     if any(r["epoch"] for r in results["studies"].values()):
         lines += ["", "Full epochs (all training images, then the validation split), seconds; the second "
-                  "epoch is what every later epoch of a run costs:", "",
-                  f"| study | project `fit` ({auto}), 2nd epoch | of which outside the model step | "
-                  "reference-style loop (fp32), 2nd epoch | ratio | 1st epoch: project / reference-style (ratio) |",
-                  "|---|---|---|---|---|---|"]
+                  "epoch is what every later epoch of a run costs. The project's epoch splits into its model steps, "
+                  "the rest of its training loop, and validation with the rest of the epoch, all timed in that "
+                  "same epoch:", "",
+                  f"| study | project `fit` ({auto}), 2nd epoch | model step | rest of the training loop | "
+                  "validation and the rest | outside the model step | reference-style loop (fp32), 2nd epoch | "
+                  "ratio | 1st epoch: project / reference-style (ratio), outside the model step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for study, r in results["studies"].items():
             e = r["epoch"]
-            lines.append(f"| {study} | {e['project'][1]:.1f} | {e['project'][1] - e['step_alone']:.1f} "
-                         f"({e['outside_step']:.1%}) | {e['reference'][1]:.1f} | {e['ratio'][1]:.2f}x | "
-                         f"{e['project'][0]:.1f} / {e['reference'][0]:.1f} ({e['ratio'][0]:.2f}x) |")
+            lines.append(f"| {study} | {e['project'][1]:.1f} | {e['step'][1]:.1f} | {e['in_loop'][1]:.2f} | "
+                         f"{e['after_loop'][1]:.2f} | {e['outside_step'][1]:.1%} | {e['reference'][1]:.1f} | "
+                         f"{e['ratio'][1]:.2f}x | {e['project'][0]:.1f} / {e['reference'][0]:.1f} "
+                         f"({e['ratio'][0]:.2f}x), {e['outside_step'][0]:.1%} |")
     return "\n".join(lines)
 
 

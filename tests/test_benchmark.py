@@ -28,8 +28,13 @@ def test_benchmark_reports_both_paths_on_the_same_loss(tiny_studies, capsys):
         project, reference = r["same_loss"]
         assert np.isfinite(project) and project == pytest.approx(reference, rel=1e-5, abs=0)
         epoch = r["epoch"]  # two epochs of each path: the cold first and a warm second
-        assert len(epoch["project"]) == len(epoch["reference"]) == 2 and 0 < epoch["step_alone"]
+        assert len(epoch["project"]) == len(epoch["reference"]) == 2
         assert all(seconds > 0 for seconds in epoch["project"] + epoch["reference"])
+        assert epoch["steps"] == [64 // 16] * 2  # every training batch timed once, validation batches not
+        for i in range(2):  # the epoch is its model steps, the rest of its loop and what follows the loop
+            assert 0 < epoch["step"][i] < epoch["project"][i] and 0 < epoch["after_loop"][i]
+            assert epoch["step"][i] + epoch["in_loop"][i] + epoch["after_loop"][i] == pytest.approx(epoch["project"][i])
+            assert 0 < epoch["outside_step"][i] < 1
     printed = capsys.readouterr().out
     assert "| mnist | SimpleCNN |" in printed and "| cifar10 | AlexNet |" in printed and "load average" in printed
 
