@@ -4,7 +4,9 @@ classifier), as the reference's AlexNet does; embed and tsne use both.
 
 A model whose weights expect a fixed input normalisation declares it as ``input_stats``
 (mean, std per channel); the others are fed the training split's own statistics."""
+import functools
 import itertools
+import platform
 import sys
 import urllib.error
 from pathlib import Path
@@ -29,6 +31,38 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(x, 1)
 
 
+def mkl_draws_dropout_masks(vendor: str, mkl: bool) -> bool:
+    """Whether PyTorch's CPU dropout draws its mask with MKL's vectorised generator: only with
+    MKL on an Intel CPU (`vendor` as the CPU reports it).  Everywhere else it falls back to a
+    serial draw per element, slower than `torch.rand`'s (benchmarks/dropout_speed.py)."""
+    return mkl and "GenuineIntel" in vendor
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor string: /proc/cpuinfo on Linux, platform.processor() elsewhere (Windows
+    names the vendor there)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the mask drawn by `torch.rand` on the CPU where PyTorch's own draw is
+    serial (`mkl_draws_dropout_masks`); the mask is built as PyTorch's CPU dropout builds it (in
+    the input's dtype, divided by 1 - p), so only the random stream differs.  Elsewhere, in
+    evaluation and for p of 0 or 1 it is nn.Dropout itself."""
+
+    def forward(self, x):
+        if (self.training and 0 < self.p < 1 and not self.inplace and x.device.type == "cpu"
+                and not mkl_draws_dropout_masks(cpu_vendor(), torch.backends.mkl.is_available())):
+            keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p)
+            return x * keep.to(x.dtype).div_(1 - self.p)
+        return super().forward(x)
+
+
 class SimpleCNN(nn.Module):
     """The reference's MNIST network: 813,802 parameters at 1x28x28, 10 classes."""
 
@@ -41,12 +75,12 @@ class SimpleCNN(nn.Module):
             nn.Conv2d(32, 32, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Dropout(dropout_conv),
+            Dropout(dropout_conv),
         )
         self.classifier = nn.Sequential(
             nn.Linear(32 * (image_size // 2) ** 2, 128),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout_fc),
+            Dropout(dropout_fc),
             nn.Linear(128, num_classes),
         )
 
@@ -77,10 +111,10 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout_fc),
+            Dropout(dropout_fc),
             nn.Linear(128 * (image_size // 16) ** 2, 2048),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout_fc),
+            Dropout(dropout_fc),
             nn.Linear(2048, 2048),
             nn.ReLU(inplace=True),
             nn.Linear(2048, num_classes),
@@ -140,7 +174,7 @@ class Backbone(nn.Module):
     def __init__(self, body: nn.Module, n_features: int, num_classes: int, drop_rate: float, input_stats):
         super().__init__()
         self.body = body
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = Dropout(drop_rate)
         self.head = nn.Linear(n_features, num_classes)
         self.input_stats = input_stats
 

@@ -78,3 +78,12 @@ def test_augment_benchmark_times_the_same_operations_in_kornia():
     assert all(m or torch.equal(out, image[0]) for m, out in zip(mirrored, outputs)) and 0 < sum(mirrored) < 32
     result = augment_speed.measure(cfg, [3, 16, 16], repeats=1)
     assert result["shape"] == (4, 3, 16, 16) and result["own"] > 0 and result["kornia"] > 0
+
+
+def test_dropout_benchmark_times_both_layers_at_every_size():
+    from benchmarks import dropout_speed
+
+    result = dropout_speed.measure(repeats=1, steps=1)
+    assert set(result) == set(dropout_speed.SHAPES)
+    for name, (shape, _) in dropout_speed.SHAPES.items():
+        assert result[name]["elements"] == np.prod(shape) and result[name]["torch"] > 0 and result[name]["models"] > 0

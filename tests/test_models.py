@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from imgcls.models import AlexNet, SimpleCNN, count_parameters, flatten, summarize
+from imgcls import models
+from imgcls.models import AlexNet, Dropout, SimpleCNN, count_parameters, flatten, summarize
 
 REFERENCE_SIMPLECNN = [  # (output shape, trainable params) from the report's section 1 table
     ("32x28x28", 320), ("32x28x28", 0), ("32x28x28", 9248), ("32x28x28", 0), ("32x14x14", 0),
@@ -81,3 +82,53 @@ def test_flatten_without_gradients_or_in_nchw_is_torch_flatten():
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(flatten(x), x.flatten(1))
     assert torch.equal(flatten(x.contiguous(memory_format=torch.channels_last)), x.flatten(1))
+
+
+@pytest.mark.parametrize("vendor, mkl, drawn_by_mkl", [
+    ("GenuineIntel", True, True),   # PyTorch's vectorised draw: nn.Dropout itself
+    ("AuthenticAMD", True, False),  # MKL present but not used on this vendor
+    ("GenuineIntel", False, False),
+    ("", True, False),              # vendor unknown (Arm, Apple silicon)
+])
+def test_dropout_masks_come_from_mkl_only_with_mkl_on_intel(vendor, mkl, drawn_by_mkl):
+    assert models.mkl_draws_dropout_masks(vendor, mkl) is drawn_by_mkl
+
+
+def dropout_pass(layer, x):
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return y, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drawn_by_rand_keeps_pytorchs_semantics(monkeypatch, dtype):
+    """The torch.rand draw: a share p zeroed, the rest scaled as PyTorch's CPU dropout scales them
+    (in the input's dtype), the gradient through the same mask, the layout and dtype kept."""
+    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: False)
+    p = 0.25
+    x = (torch.rand(64, 32, 14, 14) + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    y, grad = dropout_pass(Dropout(p).train(), x)
+    kept = y != 0
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 401,408 draws: 0.0007 standard deviation
+    scale = torch.ones((), dtype=dtype).div_(1 - p)
+    assert torch.equal(y[kept], x[kept] * scale)
+    assert torch.equal(grad, kept.to(dtype) * scale)
+    torch.manual_seed(0)
+    assert torch.equal(dropout_pass(Dropout(p).train(), x)[0], y)  # the global seed decides the mask
+    assert not torch.equal(dropout_pass(Dropout(p).train(), x)[0], y)
+    torch.manual_seed(0)
+    assert torch.equal(kept, torch.rand_like(x, dtype=torch.float32) >= p)  # torch.rand's draw, not bernoulli_'s
+
+
+def test_dropout_is_nn_dropout_where_mkl_draws_and_in_evaluation(monkeypatch):
+    x = torch.randn(64, 256)
+    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: False)
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: True)
+    torch.manual_seed(0)
+    expected = torch.nn.Dropout(0.5).train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(0.5).train()(x), expected)
