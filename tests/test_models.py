@@ -42,6 +42,7 @@ def test_dropout_rates_come_from_params():
     model = SimpleCNN(dropout_conv=0.1, dropout_fc=0.3)
     rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates == [0.1, 0.3]
+    assert all(isinstance(m, Dropout) for m in model.modules() if isinstance(m, torch.nn.Dropout))  # the models' own
 
 
 def test_the_summary_leaves_the_random_stream_alone():
