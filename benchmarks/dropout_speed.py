@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from imgcls.models import Dropout, cpu_vendor, mkl_draws_dropout_masks
+from imgcls.models import Dropout, cpu_vendor, dropout_draws_with_rand
 from imgcls.training import select_runtime
 
 SHAPES = {"SimpleCNN features (p 0.25)": ((128, 32, 14, 14), 0.25),
@@ -59,9 +59,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args(argv)
     select_runtime("cpu")
-    serial = not mkl_draws_dropout_masks(cpu_vendor(), torch.backends.mkl.is_available())
     print(f"CPU vendor {cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}: the models' Dropout "
-          f"draws with {'torch.rand' if serial else 'nn.Dropout (MKL)'}; {torch.get_num_threads()} threads\n")
+          f"draws with {'torch.rand' if dropout_draws_with_rand() else 'nn.Dropout (MKL)'}; "
+          f"{torch.get_num_threads()} threads\n")
     print("| tensor | elements | nn.Dropout, ms | models' Dropout, ms | ratio |\n|---|---|---|---|---|")
     for name, r in measure(args.repeats, args.steps).items():
         print(f"| {name} | {r['elements']:,} | {r['torch'] * 1e3:.2f} | {r['models'] * 1e3:.2f} | "

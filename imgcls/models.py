@@ -38,7 +38,6 @@ def mkl_draws_dropout_masks(vendor: str, mkl: bool) -> bool:
     return mkl and "GenuineIntel" in vendor
 
 
-@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor string: /proc/cpuinfo on Linux, platform.processor() elsewhere (Windows
     names the vendor there)."""
@@ -49,15 +48,20 @@ def cpu_vendor() -> str:
     return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
 
 
+@functools.cache
+def dropout_draws_with_rand() -> bool:
+    """This machine's answer, decided once: the models' Dropout draws its CPU masks with torch.rand."""
+    return not mkl_draws_dropout_masks(cpu_vendor(), torch.backends.mkl.is_available())
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout, with the mask drawn by `torch.rand` on the CPU where PyTorch's own draw is
-    serial (`mkl_draws_dropout_masks`); the mask is built as PyTorch's CPU dropout builds it (in
+    serial (`dropout_draws_with_rand`); the mask is built as PyTorch's CPU dropout builds it (in
     the input's dtype, divided by 1 - p), so only the random stream differs.  Elsewhere, in
     evaluation and for p of 0 or 1 it is nn.Dropout itself."""
 
     def forward(self, x):
-        if (self.training and 0 < self.p < 1 and not self.inplace and x.device.type == "cpu"
-                and not mkl_draws_dropout_masks(cpu_vendor(), torch.backends.mkl.is_available())):
+        if self.training and 0 < self.p < 1 and not self.inplace and x.device.type == "cpu" and dropout_draws_with_rand():
             keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p)
             return x * keep.to(x.dtype).div_(1 - self.p)
         return super().forward(x)

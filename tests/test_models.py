@@ -106,7 +106,7 @@ def dropout_pass(layer, x):
 def test_dropout_drawn_by_rand_keeps_pytorchs_semantics(monkeypatch, dtype):
     """The torch.rand draw: a share p zeroed, the rest scaled as PyTorch's CPU dropout scales them
     (in the input's dtype), the gradient through the same mask, the layout and dtype kept."""
-    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: False)
+    monkeypatch.setattr(models, "dropout_draws_with_rand", lambda: True)
     p = 0.25
     x = (torch.rand(64, 32, 14, 14) + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
@@ -126,9 +126,9 @@ def test_dropout_drawn_by_rand_keeps_pytorchs_semantics(monkeypatch, dtype):
 
 def test_dropout_is_nn_dropout_where_mkl_draws_and_in_evaluation(monkeypatch):
     x = torch.randn(64, 256)
-    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: False)
+    monkeypatch.setattr(models, "dropout_draws_with_rand", lambda: True)
     assert torch.equal(Dropout(0.5).eval()(x), x)
-    monkeypatch.setattr(models, "mkl_draws_dropout_masks", lambda vendor, mkl: True)
+    monkeypatch.setattr(models, "dropout_draws_with_rand", lambda: False)
     torch.manual_seed(0)
     expected = torch.nn.Dropout(0.5).train()(x)
     torch.manual_seed(0)
